@@ -1,0 +1,149 @@
+"""The one module that speaks MLflow.
+
+encmm owns its runs (no Ray MLflow callbacks: they duplicate runs on trial restarts). The driver
+creates a run, hands a picklable :class:`RunLogger` (URI + run id) to the Ray Train rank-0 worker,
+and ends the run FINISHED or FAILED. Params are flat (``kd.alpha``) so the UI's parallel-coordinates
+chart works; per-epoch metrics use ``step=epoch``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EXPERIMENT = "encmm"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (one-line message)."""
+
+
+def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None) -> str:
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > config > ``sqlite:///<cwd>/mlflow.db`` (absolute)."""
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or config_uri
+    if not uri:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # Ray workers chdir into their own folders: make relative SQLite paths absolute.
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def artifact_location_for(uri: str, experiment: str) -> str | None:
+    """A SQLite store keeps artifacts in an absolute folder beside the database; a server decides itself."""
+    if uri.startswith("sqlite:///"):
+        root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / _safe_name(experiment)
+        return root.resolve().as_uri()
+    return None
+
+
+def check_tracking(uri: str) -> None:
+    """Fail fast, before any work, when the store cannot be reached or opened."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise TrackingError(f"MLflow store folder {folder} does not exist")
+    try:
+        if uri.startswith(("http://", "https://")):
+            import urllib.request
+
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+                if response.status != 200:
+                    raise TrackingError(f"MLflow server {uri} answered {response.status}")
+        else:
+            _client(uri).search_experiments(max_results=1)
+    except TrackingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here means "unusable"; say so in one line
+        raise TrackingError(f"MLflow tracking store {uri} is not reachable: {exc.__class__.__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location_for(uri, name))
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:100] or "run"
+
+
+def _param_value(value: Any) -> str:
+    text = "None" if value is None else str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def start_run(uri: str, experiment: str, run_name: str, *, params: dict | None = None,
+              tags: dict | None = None, parent_run_id: str | None = None) -> str:
+    """Create a RUNNING run with flat params and tags; returns its id."""
+    client = _client(uri)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(ensure_experiment(uri, experiment), run_name=run_name, tags=all_tags)
+    if params:
+        log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(key, _param_value(value)) for key, value in params.items()]
+    client = _client(uri)
+    for start in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    client = _client(uri)
+    if error:
+        client.set_tag(run_id, "encmm.error", error[:5000])
+    client.set_terminated(run_id, status=status)
+
+
+def get_run(uri: str, run_id: str):
+    return _client(uri).get_run(run_id)
+
+
+def download_artifact(uri: str, run_id: str, path: str, dest: str | Path) -> Path:
+    """Fetch one artifact file of a run into ``dest`` (a folder); returns the local file."""
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    return Path(_client(uri).download_artifacts(run_id, path, str(dest)))
+
+
+@dataclass(frozen=True)
+class RunLogger:
+    """Picklable handle that rank 0 of a Ray Train job uses to log into the driver's run."""
+
+    uri: str
+    run_id: str
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, step) for key, value in metrics.items()
+                 if isinstance(value, (int, float)) and key != "epoch"]
+        _client(self.uri).log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        _client(self.uri).log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        _client(self.uri).set_tag(self.run_id, key, value)
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        self.log_metrics(metrics, step)

@@ -1,0 +1,91 @@
+"""``encmm train``: one run as a Ray Train job, tracked in MLflow.
+
+Order matters: validate everything (config, data, models, teacher, tracking store) first; only then
+create the MLflow run and the output folder, so bad input leaves nothing behind.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from orchestrator import tracking
+from orchestrator.ray_cluster import init_ray
+from trainables.config import ConfigError, TrainConfig, flatten, load_train_config, with_absolute_paths
+from trainables.preflight import check_train_config
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+DEFAULT_TRAIN_CONFIG = EXPERIMENTS_DIR / "digits-teacher.yaml"
+
+
+def resolve_teacher_checkpoint(cfg: TrainConfig, uri: str, source: str) -> str | None:
+    """For ``teacher.source=run``: the local copy of that run's best checkpoint (downloaded once)."""
+    if cfg.teacher.source != "run" or not cfg.kd.uses_teacher:
+        return None
+    run_id = cfg.teacher.run_id
+    try:
+        run = tracking.get_run(uri, run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises several types for a missing run
+        raise ConfigError(f"{source}: teacher.run_id: no MLflow run {run_id!r} in {uri}") from None
+    if run.info.status != "FINISHED":
+        raise ConfigError(f"{source}: teacher.run_id: run {run_id} is {run.info.status}, not FINISHED")
+    cache = Path(cfg.tracking.output_dir) / ".teachers" / run_id
+    local = cache / "checkpoints" / "best.pt"
+    if not local.is_file():
+        try:
+            tracking.download_artifact(uri, run_id, "checkpoints/best.pt", cache)
+        except Exception:  # noqa: BLE001
+            raise ConfigError(f"{source}: teacher.run_id: run {run_id} has no checkpoints/best.pt artifact") from None
+    return str(local)
+
+
+def prepare_train(config_path: str | None, overrides: list[str], tracking_uri: str | None) -> tuple:
+    """Everything that can fail on bad input, with no side effect but a teacher download cache."""
+    source = str(config_path) if config_path else str(DEFAULT_TRAIN_CONFIG)
+    cfg = with_absolute_paths(load_train_config(config_path or DEFAULT_TRAIN_CONFIG, overrides))
+    uri = tracking.resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
+    tracking.check_tracking(uri)
+    teacher_checkpoint = resolve_teacher_checkpoint(cfg, uri, source)
+    plan = check_train_config(cfg, source, teacher_checkpoint=teacher_checkpoint)
+    return cfg, uri, teacher_checkpoint, plan
+
+
+def write_resolved_config(cfg: TrainConfig, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def run_train(cfg: TrainConfig, uri: str, *, teacher_checkpoint: str | None = None, address: str | None = None,
+              inject_failure: dict | None = None) -> dict:
+    """Run one validated config on Ray Train; returns the final metrics. Ends the MLflow run in all cases."""
+    from trainables.ray_worker import BEST_FILE, build_trainer
+
+    init_ray(address)
+    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = Path(cfg.tracking.output_dir)
+    run_dir = storage / run_name
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name,
+                                params=flatten(cfg.model_dump(mode="json")),
+                                tags={"encmm.kind": "train", "encmm.run_dir": str(run_dir)})
+    logger = tracking.RunLogger(uri, run_id)
+    try:
+        logger.log_artifact(write_resolved_config(cfg, run_dir))
+        trainer = build_trainer(cfg, run_name=run_name, storage_path=str(storage), log=logger,
+                                teacher_checkpoint=teacher_checkpoint, inject_failure=inject_failure)
+        result = trainer.fit()
+        final = dict(result.metrics or {})
+        best = run_dir / BEST_FILE
+        if best.is_file():
+            logger.log_artifact(best, "checkpoints")
+        summary = {k: v for k, v in final.items() if k.startswith(("val/", "best/", "train/"))}
+        logger.log_metrics({f"final/{k}": v for k, v in summary.items()}, step=int(final.get("epoch", 0)))
+        tracking.end_run(uri, run_id, "FINISHED")
+        return {"run_id": run_id, "run_dir": str(run_dir), **final}
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        tracking.end_run(uri, run_id, status, error="".join(traceback.format_exception_only(type(exc), exc)))
+        raise

@@ -1,0 +1,79 @@
+"""The training core, in-process: no Ray, no MLflow."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import TINY_DIGITS
+from trainables.config import load_train_config
+from trainables.engine import fit
+
+
+def tiny_config(*overrides: str):
+    return load_train_config(None, [*TINY_DIGITS, "data.batch_size=32", "schedule.warmup_epochs=0",
+                                    "optim.lr=3e-3", "schedule.min_lr=1e-3", "optim.lr_base_batch=64", *overrides])
+
+
+def test_two_epoch_digits_run_raises_val_accuracy():
+    history = []
+    fit(tiny_config("schedule.epochs=2"), log=lambda metrics, step: history.append(metrics))
+    assert [m["epoch"] for m in history] == [0, 1]
+    assert history[1]["val/acc1"] > history[0]["val/acc1"]
+    assert history[1]["val/acc1"] > 15.0  # chance is 10% on 10 balanced classes
+
+
+def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path):
+    cfg = tiny_config("schedule.epochs=3", "data.augment=shift", "student.drop_path=0.1")
+    straight = fit(cfg, checkpoint_dir=tmp_path / "straight")
+
+    class Interrupt(Exception):
+        pass
+
+    def crash_at_epoch_1(metrics, step):
+        if step == 1:
+            raise Interrupt  # after epoch 1 trained, before its checkpoint: last.pt holds epoch 0
+
+    with pytest.raises(Interrupt):
+        fit(cfg, log=crash_at_epoch_1, checkpoint_dir=tmp_path / "resumed")
+    saved = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 0
+    resumed_history = []
+    resumed = fit(cfg, log=lambda m, s: resumed_history.append(s), checkpoint_dir=tmp_path / "resumed")
+    assert resumed_history == [1, 2]  # epoch 0 was not trained again
+    for key in ("train/loss", "val/loss", "val/acc1"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher")
+    fit(tiny_config("schedule.epochs=1", "student.width=64", "student.head_dim=16"), checkpoint_dir=folder)
+    return folder / "best.pt"
+
+
+@pytest.mark.parametrize("remedy,feature_loss,alpha", [("none", "mse", 0.0), ("lift", "fft", 0.9),
+                                                       ("widelast", "mse", 0.9)])
+def test_student_distils_from_an_encmm_teacher_checkpoint(teacher_checkpoint, remedy, feature_loss, alpha):
+    history = []
+    fit(tiny_config("schedule.epochs=1", f"student.remedy={remedy}", f"kd.feature_loss={feature_loss}",
+                    f"kd.alpha={alpha}", "kd.beta=1.0", "teacher.source=checkpoint",
+                    f"teacher.checkpoint={teacher_checkpoint}"), log=lambda m, s: history.append(m))
+    metrics = history[-1]
+    assert metrics["train/feat"] > 0
+    assert ("train/kl" in metrics) == (alpha > 0)
+    expected = (1 - alpha) * metrics["train/ce"] + metrics["train/feat"] + alpha * metrics.get("train/kl", 0.0)
+    assert metrics["train/loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_avgpool_alignment_trains_without_a_projector(teacher_checkpoint):
+    history = []
+    fit(tiny_config("schedule.epochs=1", "kd.beta=1.0", "student.projector=avgpool", "teacher.source=checkpoint",
+                    f"teacher.checkpoint={teacher_checkpoint}"), log=lambda m, s: history.append(m))
+    assert history[-1]["train/feat"] > 0
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_the_full_state(tmp_path):
+    fit(tiny_config("schedule.epochs=1", "optim.ema_decay=0.9"), checkpoint_dir=tmp_path)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "ema", "rng", "epoch", "spec", "config"} <= set(ckpt)
+    assert ckpt["spec"]["num_classes"] == 10 and ckpt["spec"]["params_inference"] > 0

@@ -1,0 +1,170 @@
+"""Datasets and loaders: embedded digits, ImageFolder/timm datasets (DeiT recipe), synthetic.
+
+Digits is scikit-learn's 8x8 digits (1,797 real images, 10 classes), which ships inside the
+installed scikit-learn package: no download. Images are upsampled once to ``img_size`` and
+repeated to 3 channels so any timm model takes them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from trainables.config import DataConfig
+
+DIGITS_MEAN = (0.5, 0.5, 0.5)
+DIGITS_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class TensorImageDataset(Dataset):
+    """Normalised images ``[M, 3, S, S]`` and labels ``[M]``; optional random shift (pad + crop).
+
+    ``fill`` is the normalised value of a blank pixel, used for the padding.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0, fill: float = 0.0):
+        self.images, self.labels, self.shift, self.fill = images, labels, shift, fill
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.shift:
+            s = self.shift
+            padded = F.pad(image, (s, s, s, s), value=self.fill)
+            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            image = padded[:, dy:dy + image.shape[1], dx:dx + image.shape[2]]
+        return image, self.labels[index]
+
+
+def _stratified_split(labels, fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    indices = list(range(len(labels)))
+    return train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels)
+
+
+def load_digits_tensors(img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits as normalised ``[M, 3, img_size, img_size]`` float32 and labels ``[M]``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # [M,1,8,8] in [0,1]
+    images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    images = images.repeat(1, 3, 1, 1)
+    mean = torch.tensor(DIGITS_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(DIGITS_STD).view(1, 3, 1, 1)
+    return (images - mean) / std, torch.from_numpy(digits.target).long()
+
+
+def build_digits(cfg: DataConfig) -> DataBundle:
+    images, labels = load_digits_tensors(cfg.img_size)
+    train_idx, val_idx = _stratified_split(labels.numpy(), cfg.val_fraction, cfg.split_seed)
+    shift = max(1, cfg.img_size // 16) if cfg.augment in ("shift", "deit") else 0
+    blank = -DIGITS_MEAN[0] / DIGITS_STD[0]
+    train = TensorImageDataset(images[train_idx], labels[train_idx], shift=shift, fill=blank)
+    val = TensorImageDataset(images[val_idx], labels[val_idx])
+    return DataBundle(train, val, 10, DIGITS_MEAN, DIGITS_STD)
+
+
+def build_synthetic(cfg: DataConfig) -> DataBundle:
+    """Seeded class-dependent patterns plus noise: learnable, for tests only."""
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    k, m, s = cfg.synthetic_classes, cfg.synthetic_samples, cfg.img_size
+    prototypes = torch.randn(k, 3, s, s, generator=g)
+    labels = torch.arange(m) % k
+    images = prototypes[labels] + 0.5 * torch.randn(m, 3, s, s, generator=g)
+    train_idx, val_idx = _stratified_split(labels.numpy(), cfg.val_fraction, cfg.split_seed)
+    return DataBundle(TensorImageDataset(images[train_idx], labels[train_idx]),
+                      TensorImageDataset(images[val_idx], labels[val_idx]), k, (0.0,) * 3, (1.0,) * 3)
+
+
+def build_deit_transforms(cfg: DataConfig, mean, std):
+    """DeiT recipe through timm: RandAugment, colour jitter, random erasing, bicubic RRC; eval resize+crop."""
+    from timm.data import create_transform
+
+    train_tf = create_transform(
+        cfg.img_size, is_training=True, auto_augment=cfg.auto_augment if cfg.augment == "deit" else None,
+        color_jitter=cfg.color_jitter if cfg.augment == "deit" else None,
+        re_prob=cfg.random_erasing if cfg.augment == "deit" else 0.0, re_mode="pixel", re_count=1,
+        interpolation="bicubic", mean=mean, std=std)
+    eval_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic",
+                               crop_pct=cfg.crop_pct, mean=mean, std=std)
+    return train_tf, eval_tf
+
+
+def build_timm_dataset(cfg: DataConfig) -> DataBundle:
+    """ImageFolder layout (``root/train``, ``root/val``) or any timm ``create_dataset`` name."""
+    from timm.data import create_dataset
+
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    train_tf, eval_tf = build_deit_transforms(cfg, mean, std)
+    name = "" if cfg.name == "imagefolder" else cfg.dataset
+    root = cfg.root or str(Path.cwd() / "data")
+    train = create_dataset(name, root=root, split="train", is_training=True, download=cfg.download,
+                           transform=train_tf)
+    val = create_dataset(name, root=root, split="validation" if name and name.startswith("hfds") else "val",
+                         is_training=False, download=cfg.download, transform=eval_tf)
+    num_classes = count_classes(train)
+    return DataBundle(train, val, num_classes, mean, std)
+
+
+def count_classes(dataset) -> int:
+    reader = getattr(dataset, "reader", None)
+    mapping = getattr(reader, "class_to_idx", None)
+    if mapping:
+        return len(mapping)
+    classes = getattr(dataset, "classes", None) or getattr(getattr(dataset, "parser", None), "classes", None)
+    if classes:
+        return len(classes)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return int(max(targets)) + 1
+    raise ValueError("cannot tell the number of classes of this dataset")
+
+
+def build_datasets(cfg: DataConfig) -> DataBundle:
+    if cfg.name == "digits":
+        return build_digits(cfg)
+    if cfg.name == "synthetic":
+        return build_synthetic(cfg)
+    return build_timm_dataset(cfg)
+
+
+def build_loaders(cfg: DataConfig, bundle: DataBundle, *, seed: int, rank: int = 0, world_size: int = 1,
+                  pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+    """Train loader reshuffles per epoch from (seed, epoch) only, so a resumed run sees the same order.
+
+    Call ``train_loader.sampler.set_epoch(epoch)`` before each epoch.
+    """
+    if cfg.repeated_aug:
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        train_sampler = RepeatAugSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True)
+    else:
+        train_sampler = DistributedSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True,
+                                           seed=seed, drop_last=True)
+    # Strided shards without padding: every val image is counted exactly once across ranks.
+    val_sampler = range(rank, len(bundle.val), world_size)
+    workers = cfg.num_workers
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    train = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True, **common)
+    val = DataLoader(bundle.val, batch_size=cfg.eval_batch_size or cfg.batch_size, sampler=val_sampler,
+                     **common)
+    return train, val
+

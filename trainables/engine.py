@@ -1,0 +1,322 @@
+"""The training core: set-up, one epoch, evaluation, checkpoints. No Ray, no MLflow.
+
+Reading order is execution order: :func:`setup_training` builds everything a run holds,
+:func:`run_epochs` loops :func:`train_one_epoch` + :func:`evaluate` and hands each epoch's
+metrics and full checkpoint to callbacks. :func:`fit` is the in-process driver (tests, bare GPU
+boxes); ``trainables.ray_worker`` is the Ray Train one. Distributed runs are plain
+``torch.distributed``: rank and world size are read from the initialised process group.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainables.config import TrainConfig
+from trainables.data import build_datasets, build_loaders
+from trainables.losses import DistillationLoss
+from trainables.models import build_student, count_parameters
+from trainables.teacher import FrozenTeacher, build_teacher
+
+LogFn = Callable[[dict, int], None]
+
+
+class Distiller(nn.Module):
+    """The trainable parts: the student and, when widths differ, the student-side projector.
+
+    The projector is a loss-side module (FitNets): it is trained but never part of inference.
+    """
+
+    def __init__(self, student: nn.Module, projector: nn.Module | None = None):
+        super().__init__()
+        self.student = student
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor, with_features: bool = True):
+        if not with_features:
+            return self.student(x), None
+        logits, feat = self.student.forward_distill(x)
+        if self.projector is not None:
+            feat = self.projector(feat)
+        return logits, feat
+
+
+@dataclass
+class TrainingState:
+    cfg: TrainConfig
+    device: torch.device
+    distiller: nn.Module  # possibly DDP-wrapped / compiled: use for training forward only
+    core: Distiller  # unwrapped, for state dicts and eval
+    teacher: FrozenTeacher | None
+    criterion: DistillationLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    ema: object | None
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    autocast_dtype: torch.dtype | None
+    spec: dict
+    rank: int = 0
+    world_size: int = 1
+    num_updates: int = 0
+    best: dict = field(default_factory=lambda: {"val/acc1": -1.0, "epoch": -1})
+
+
+def resolve_device(gpus_per_worker: int) -> torch.device:
+    if gpus_per_worker > 0 and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def distributed_context() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_target_width(cfg: TrainConfig, teacher: FrozenTeacher | None) -> int | None:
+    return cfg.student.target_width or (teacher.feature_width if teacher is not None else None)
+
+
+def build_projector(cfg: TrainConfig, student: nn.Module, teacher: FrozenTeacher | None) -> nn.Module | None:
+    """A Linear student->teacher projector when the feature loss is on and widths differ."""
+    if teacher is None or cfg.kd.beta == 0 or cfg.student.projector != "linear":
+        return None
+    s_width, t_width = student.feature_width, teacher.feature_width
+    return nn.Linear(s_width, t_width) if s_width != t_width else None
+
+
+def setup_training(cfg: TrainConfig, *, device: torch.device, teacher_checkpoint: str | None = None,
+                   wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> TrainingState:
+    """Build data, teacher, student (+projector), loss, AdamW, cosine schedule and EMA for ``cfg``.
+
+    ``wrap_model`` wraps the trainable module for distributed training (e.g. DDP); the teacher is
+    never wrapped. ``teacher_checkpoint`` is the local file of a ``teacher.source=run`` teacher.
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    rank, world_size = distributed_context()
+    seed_everything(cfg.seed)
+    data = build_datasets(cfg.data)
+    train_loader, val_loader = build_loaders(cfg.data, data, seed=cfg.seed, rank=rank, world_size=world_size,
+                                             pin_memory=device.type == "cuda")
+    teacher = None
+    if cfg.kd.uses_teacher:
+        teacher = build_teacher(cfg.teacher, student_mean=data.mean, student_std=data.std,
+                                checkpoint_path=teacher_checkpoint, img_size=cfg.data.img_size).to(device)
+    target_width = resolve_target_width(cfg, teacher)
+    torch.manual_seed(cfg.seed)  # same init on every rank and on resume, whatever was built before
+    student = build_student(cfg.student, num_classes=data.num_classes, img_size=cfg.data.img_size,
+                            target_width=target_width, tap_block=cfg.kd.student_block)
+    projector = build_projector(cfg, student, teacher)
+    core = Distiller(student, projector).to(device)
+    align = "avgpool" if (teacher is not None and cfg.kd.beta > 0 and projector is None
+                          and student.feature_width != teacher.feature_width) else None
+    criterion = DistillationLoss(cfg.kd, align=align, student_width=student.feature_width)
+
+    global_batch = cfg.data.batch_size * world_size
+    lr = cfg.optim.lr * global_batch / cfg.optim.lr_base_batch
+    fused = device.type == "cuda"
+    optimizer = create_optimizer_v2(core, opt="adamw", lr=lr, weight_decay=cfg.optim.weight_decay,
+                                    **({"fused": True} if fused else {}))
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
+        warmup_lr=cfg.schedule.warmup_lr, min_lr=cfg.schedule.min_lr, step_on_epochs=False,
+        updates_per_epoch=len(train_loader))
+    ema = None
+    if cfg.optim.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(student, decay=cfg.optim.ema_decay)
+
+    use_bf16 = cfg.resources.precision == "bf16" or (cfg.resources.precision == "auto" and device.type == "cuda")
+    distiller: nn.Module = wrap_model(core) if wrap_model else core
+    if cfg.resources.compile == "on" or (cfg.resources.compile == "auto" and device.type == "cuda"):
+        distiller = torch.compile(distiller)
+    spec = {
+        "student": cfg.student.model_dump(mode="json"), "num_classes": data.num_classes,
+        "img_size": cfg.data.img_size, "target_width": target_width, "tap_block": cfg.kd.student_block,
+        "mean": list(data.mean), "std": list(data.std),
+        "params_inference": count_parameters(student),
+    }
+    return TrainingState(cfg, device, distiller, core, teacher, criterion, optimizer, scheduler, ema,
+                         train_loader, val_loader, torch.bfloat16 if use_bf16 else None, spec,
+                         rank=rank, world_size=world_size)
+
+
+def _autocast(state: TrainingState):
+    if state.autocast_dtype is None:
+        return torch.autocast(state.device.type, enabled=False)
+    return torch.autocast(state.device.type, dtype=state.autocast_dtype)
+
+
+def _all_reduce_sum(tensor: torch.Tensor, state: TrainingState) -> torch.Tensor:
+    if state.world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def train_one_epoch(state: TrainingState, epoch: int) -> dict[str, float]:
+    """One pass over the train loader; returns ``train/*`` metrics averaged over all ranks."""
+    state.distiller.train()
+    state.train_loader.sampler.set_epoch(epoch)
+    needs_features = state.teacher is not None and state.cfg.kd.beta > 0
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    start = time.perf_counter()
+    for images, labels in state.train_loader:
+        images = images.to(state.device, non_blocking=True)
+        labels = labels.to(state.device, non_blocking=True)
+        with _autocast(state):
+            teacher_logits = feat_t = None
+            if state.teacher is not None:
+                teacher_logits, feat_t = state.teacher(images)
+            logits, feat_s = state.distiller(images, with_features=needs_features)
+            losses = state.criterion(logits, labels, feat_s, teacher_logits, feat_t)
+        state.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if state.cfg.optim.clip_grad:
+            nn.utils.clip_grad_norm_(state.core.parameters(), state.cfg.optim.clip_grad)
+        state.optimizer.step()
+        state.num_updates += 1
+        state.scheduler.step_update(num_updates=state.num_updates)
+        if state.ema is not None:
+            state.ema.update(state.core.student, step=state.num_updates)
+        # Accumulate on device: no host sync inside the step.
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float() * len(labels)
+        seen += len(labels)
+    elapsed = time.perf_counter() - start
+    names = sorted(sums)
+    totals = _all_reduce_sum(torch.stack([sums[n] for n in names] + [torch.tensor(float(seen), device=state.device)]),
+                             state).tolist()
+    count = totals[-1]
+    metrics = {f"train/{n}": v / count for n, v in zip(names, totals)}
+    metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]
+    metrics["train/img_per_s"] = count / elapsed
+    metrics["time/epoch_s"] = elapsed
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, state: TrainingState, prefix: str = "val") -> dict[str, float]:
+    """Top-1 / top-5 and CE loss of ``model`` on the val loader, summed over ranks."""
+    model.eval()
+    totals = torch.zeros(4, device=state.device)  # loss sum, top1, top5, count
+    for images, labels in state.val_loader:
+        images = images.to(state.device, non_blocking=True)
+        labels = labels.to(state.device, non_blocking=True)
+        with _autocast(state):
+            logits = model(images).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct = top.eq(labels[:, None])
+        totals += torch.stack([
+            nn.functional.cross_entropy(logits, labels, reduction="sum"),
+            correct[:, :1].sum().float(), correct.any(dim=1).sum().float(),
+            torch.tensor(float(len(labels)), device=state.device)])
+    loss, top1, top5, count = _all_reduce_sum(totals, state).tolist()
+    count = max(count, 1.0)
+    return {f"{prefix}/loss": loss / count, f"{prefix}/acc1": 100.0 * top1 / count,
+            f"{prefix}/acc5": 100.0 * top5 / count}
+
+
+def checkpoint_state(state: TrainingState, epoch: int, metrics: dict) -> dict:
+    """Everything needed to resume exactly after ``epoch``; loadable with ``weights_only=True``."""
+    return {
+        "epoch": epoch, "num_updates": state.num_updates, "best": dict(state.best),
+        "model": state.core.student.state_dict(),
+        "projector": state.core.projector.state_dict() if state.core.projector is not None else None,
+        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "ema": state.ema.state_dict() if state.ema is not None else None,
+        "rng": torch.get_rng_state(), "spec": state.spec, "metrics": dict(metrics),
+        "config": state.cfg.model_dump(mode="json"),
+    }
+
+
+def restore_state(state: TrainingState, ckpt: dict) -> int:
+    """Load a checkpoint into ``state``; returns the first epoch still to run."""
+    state.core.student.load_state_dict(ckpt["model"])
+    if state.core.projector is not None and ckpt.get("projector") is not None:
+        state.core.projector.load_state_dict(ckpt["projector"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    if state.ema is not None and ckpt.get("ema") is not None:
+        state.ema.load_state_dict(ckpt["ema"])
+    torch.set_rng_state(ckpt["rng"])
+    state.num_updates = ckpt["num_updates"]
+    state.scheduler.step_update(num_updates=state.num_updates)
+    state.best = dict(ckpt["best"])
+    return ckpt["epoch"] + 1
+
+
+def save_checkpoint(ckpt: dict, path: Path) -> None:
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+EpochEnd = Callable[[int, dict, bool, TrainingState], None]
+
+
+def run_epochs(state: TrainingState, start_epoch: int, *, log: LogFn | None = None,
+               on_epoch_end: EpochEnd | None = None) -> dict:
+    """Train from ``start_epoch`` to the configured end; returns the last epoch's metrics + best."""
+    metrics: dict = {}
+    for epoch in range(start_epoch, state.cfg.schedule.epochs):
+        metrics = train_one_epoch(state, epoch)
+        metrics.update(evaluate(state.core.student, state))
+        if state.ema is not None:
+            metrics.update(evaluate(state.ema.module, state, prefix="val_ema"))
+        metrics["epoch"] = epoch
+        is_best = metrics["val/acc1"] > state.best["val/acc1"]
+        if is_best:
+            state.best = {"val/acc1": metrics["val/acc1"], "epoch": epoch}
+        metrics["best/val/acc1"] = state.best["val/acc1"]
+        if log is not None and state.rank == 0:
+            log(metrics, epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics, is_best, state)
+    return {**metrics, "best/epoch": state.best["epoch"]}
+
+
+def fit(cfg: TrainConfig, *, log: LogFn | None = None, checkpoint_dir: str | Path | None = None,
+        device: torch.device | None = None, teacher_checkpoint: str | None = None) -> dict:
+    """Train in this process (no Ray, no MLflow). Resumes from ``checkpoint_dir/last.pt`` if present."""
+    state = setup_training(cfg, device=device or resolve_device(cfg.resources.gpus_per_worker),
+                           teacher_checkpoint=teacher_checkpoint)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start = 0
+    if folder is not None and (folder / "last.pt").exists():
+        start = restore_state(state, torch.load(folder / "last.pt", map_location="cpu", weights_only=True))
+
+    def save(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
+        if folder is None:
+            return
+        ckpt = checkpoint_state(state, epoch, metrics)
+        save_checkpoint(ckpt, folder / "last.pt")
+        if is_best:
+            save_checkpoint(ckpt, folder / "best.pt")
+
+    return run_epochs(state, start, log=log, on_epoch_end=save)

@@ -1,0 +1,98 @@
+"""Checks that need more than the schema: run before any work starts (no run, no folder yet).
+
+Models are built on the ``meta`` device, so checking an ImageNet-sized geometry allocates nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+
+from trainables.config import ConfigError, TrainConfig
+from trainables.models import build_student
+from trainables.teacher import (create_timm_teacher, load_checkpoint_file, model_from_checkpoint, patch_grid,
+                                teacher_feature_width)
+
+
+def _fail(source: str, field: str, message: str) -> None:
+    raise ConfigError(f"{source}: {field}: {message}")
+
+
+def check_data(cfg: TrainConfig, source: str) -> None:
+    data = cfg.data
+    if data.name == "imagefolder":
+        root = Path(data.root)
+        if not root.is_dir():
+            _fail(source, "data.root", f"folder {root} does not exist")
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                _fail(source, "data.root", f"{root} has no {split}/ folder (ImageFolder layout: train/, val/)")
+            if not any(p.is_dir() for p in (root / split).iterdir()):
+                _fail(source, "data.root", f"{root / split} holds no class folders")
+    if data.img_size % cfg.student.patch_size:
+        _fail(source, "data.img_size", f"{data.img_size} is not divisible by student.patch_size "
+                                       f"{cfg.student.patch_size}")
+
+
+def check_timm_name(name: str, source: str, field: str) -> None:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:3]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        _fail(source, field, f"unknown timm model {name!r}{hint}")
+
+
+def describe_teacher(cfg: TrainConfig, source: str, checkpoint_path: str | None) -> tuple[tuple | None, int]:
+    """(token grid, feature width) of the configured teacher, without loading weights."""
+    teacher = cfg.teacher
+    if teacher.source == "timm":
+        check_timm_name(teacher.model, source, "teacher.model")
+        if teacher.pretrained_file and not Path(teacher.pretrained_file).is_file():
+            _fail(source, "teacher.pretrained_file", f"file {teacher.pretrained_file} does not exist")
+        with torch.device("meta"):
+            model = create_timm_teacher(teacher, load_weights=False, img_size=cfg.data.img_size)
+        if not hasattr(model, "forward_intermediates"):
+            _fail(source, "teacher.model", f"{teacher.model} has no forward_intermediates (not a ViT family timm taps)")
+        blocks = len(getattr(model, "blocks", []))
+        if blocks and not -blocks <= teacher.block < blocks:
+            _fail(source, "teacher.block", f"{teacher.block} is outside the teacher's {blocks} blocks")
+        return patch_grid(model), teacher_feature_width(model)
+    path = checkpoint_path or teacher.checkpoint
+    if not path or not Path(path).is_file():
+        _fail(source, "teacher.checkpoint", f"file {path} does not exist")
+    try:
+        ckpt = load_checkpoint_file(path)
+        with torch.device("meta"):
+            model, _ = model_from_checkpoint(ckpt, load_weights=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        _fail(source, "teacher.checkpoint", f"{path} is not an encmm checkpoint ({exc.__class__.__name__})")
+    return patch_grid(model), teacher_feature_width(model)
+
+
+def check_train_config(cfg: TrainConfig, source: str, *, teacher_checkpoint: str | None = None) -> dict:
+    """Raise :class:`ConfigError` (one line) for anything that would fail later; returns a small plan."""
+    check_data(cfg, source)
+    check_timm_name(cfg.student.model, source, "student.model")
+    depth = cfg.student.depth
+    if not -depth <= cfg.kd.student_block < depth:
+        _fail(source, "kd.student_block", f"{cfg.kd.student_block} is outside the student's {depth} blocks")
+    grid_t, width_t = None, None
+    if cfg.kd.uses_teacher:
+        grid_t, width_t = describe_teacher(cfg, source, teacher_checkpoint)
+    target = cfg.student.target_width or width_t
+    try:
+        with torch.device("meta"):
+            student = build_student(cfg.student, num_classes=10, img_size=cfg.data.img_size, target_width=target,
+                                    tap_block=cfg.kd.student_block)
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        _fail(source, "student", str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+    grid_s = patch_grid(student)
+    if cfg.kd.beta > 0:
+        if grid_t != grid_s:
+            _fail(source, "teacher", f"teacher token grid {grid_t} cannot be matched to the student's {grid_s} "
+                                     f"(same img_size / patch_size ratio needed)")
+        width_s = student.feature_width
+        if width_s != width_t and cfg.student.projector == "avgpool" and width_t % width_s:
+            _fail(source, "student.projector", f"avgpool needs the teacher width {width_t} to be a multiple of "
+                                               f"the student's {width_s}")
+    return {"teacher_width": width_t, "student_grid": grid_s, "teacher_grid": grid_t}
