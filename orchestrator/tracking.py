@@ -47,13 +47,18 @@ def artifact_location_for(uri: str, experiment: str) -> str | None:
 
 
 def check_tracking(uri: str) -> None:
-    """Fail fast, before any work, when the store cannot be reached or opened."""
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir():
-            raise TrackingError(f"MLflow store folder {folder} does not exist")
+    """Fail fast, before any work, when the store cannot be reached or opened. Creates nothing:
+    a SQLite store that does not exist yet only needs a writable folder."""
     try:
-        if uri.startswith(("http://", "https://")):
+        if uri.startswith("sqlite:///"):
+            db = Path(uri.removeprefix("sqlite:///"))
+            if not db.parent.is_dir():
+                raise TrackingError(f"MLflow store folder {db.parent} does not exist")
+            if not os.access(db.parent, os.W_OK):
+                raise TrackingError(f"MLflow store folder {db.parent} is not writable")
+            if db.exists():
+                _client(uri).search_experiments(max_results=1)
+        elif uri.startswith(("http://", "https://")):
             import urllib.request
 
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
@@ -64,8 +69,9 @@ def check_tracking(uri: str) -> None:
     except TrackingError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here means "unusable"; say so in one line
-        raise TrackingError(f"MLflow tracking store {uri} is not reachable: {exc.__class__.__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise TrackingError(f"MLflow tracking store {uri} is not reachable: {exc.__class__.__name__}: {detail}") \
+            from None
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -147,3 +153,46 @@ class RunLogger:
 
     def __call__(self, metrics: dict, step: int) -> None:
         self.log_metrics(metrics, step)
+
+
+def find_runs(uri: str, experiment: str, tags: dict[str, str], statuses: tuple[str, ...] | None = None) -> list:
+    """Runs of ``experiment`` carrying all ``tags`` (newest first), optionally filtered by status."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                              max_results=1000)
+    return [r for r in runs if statuses is None or r.info.status in statuses]
+
+
+def attach_run(uri: str, experiment: str, run_name: str, *, key_tags: dict[str, str], params: dict | None = None,
+               tags: dict | None = None, parent_run_id: str | None = None) -> str:
+    """The run identified by ``key_tags`` (set back to RUNNING), or a new one: never a duplicate."""
+    existing = find_runs(uri, experiment, key_tags)
+    if existing:
+        run_id = existing[0].info.run_id
+        set_status(uri, run_id, "RUNNING")
+        return run_id
+    return start_run(uri, experiment, run_name, params=params, tags={**(tags or {}), **key_tags},
+                     parent_run_id=parent_run_id)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict, step: int = 0) -> None:
+    RunLogger(uri, run_id).log_metrics(metrics, step)
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def set_status(uri: str, run_id: str, status: str) -> None:
+    """Re-open (RUNNING) a run that is resumed; use :func:`end_run` to close one."""
+    _client(uri).update_run(run_id, status=status)

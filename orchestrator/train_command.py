@@ -46,7 +46,7 @@ def prepare_train(config_path: str | None, overrides: list[str], tracking_uri: s
     source = str(config_path) if config_path else str(DEFAULT_TRAIN_CONFIG)
     cfg = with_absolute_paths(load_train_config(config_path or DEFAULT_TRAIN_CONFIG, overrides))
     uri = tracking.resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
-    tracking.check_tracking(uri)
+    tracking.check_tracking(uri)  # creates nothing; needed first when the teacher is an MLflow run
     teacher_checkpoint = resolve_teacher_checkpoint(cfg, uri, source)
     plan = check_train_config(cfg, source, teacher_checkpoint=teacher_checkpoint)
     return cfg, uri, teacher_checkpoint, plan
@@ -60,7 +60,7 @@ def write_resolved_config(cfg: TrainConfig, folder: Path) -> Path:
 
 
 def run_train(cfg: TrainConfig, uri: str, *, teacher_checkpoint: str | None = None, address: str | None = None,
-              inject_failure: dict | None = None) -> dict:
+              inject_failure: dict | None = None, tags: dict | None = None) -> dict:
     """Run one validated config on Ray Train; returns the final metrics. Ends the MLflow run in all cases."""
     from trainables.ray_worker import BEST_FILE, build_trainer
 
@@ -70,7 +70,7 @@ def run_train(cfg: TrainConfig, uri: str, *, teacher_checkpoint: str | None = No
     run_dir = storage / run_name
     run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name,
                                 params=flatten(cfg.model_dump(mode="json")),
-                                tags={"encmm.kind": "train", "encmm.run_dir": str(run_dir)})
+                                tags={"encmm.kind": "train", "encmm.run_dir": str(run_dir), **(tags or {})})
     logger = tracking.RunLogger(uri, run_id)
     try:
         logger.log_artifact(write_resolved_config(cfg, run_dir))

@@ -45,6 +45,9 @@ def check_timm_name(name: str, source: str, field: str) -> None:
 def describe_teacher(cfg: TrainConfig, source: str, checkpoint_path: str | None) -> tuple[tuple | None, int]:
     """(token grid, feature width) of the configured teacher, without loading weights."""
     teacher = cfg.teacher
+    if teacher.img_size and teacher.img_size != cfg.data.img_size:
+        _fail(source, "teacher.img_size", f"{teacher.img_size} != data.img_size {cfg.data.img_size} "
+                                          f"(the teacher sees the student's batch)")
     if teacher.source == "timm":
         check_timm_name(teacher.model, source, "teacher.model")
         if teacher.pretrained_file and not Path(teacher.pretrained_file).is_file():
@@ -69,21 +72,33 @@ def describe_teacher(cfg: TrainConfig, source: str, checkpoint_path: str | None)
     return patch_grid(model), teacher_feature_width(model)
 
 
-def check_train_config(cfg: TrainConfig, source: str, *, teacher_checkpoint: str | None = None) -> dict:
-    """Raise :class:`ConfigError` (one line) for anything that would fail later; returns a small plan."""
+def describe_model(cfg: TrainConfig, num_classes: int = 10, target_width: int | None = None):
+    """The student ``cfg`` builds, on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        return build_student(cfg.student, num_classes=num_classes, img_size=cfg.data.img_size,
+                             target_width=cfg.student.target_width or target_width, tap_block=cfg.kd.student_block)
+
+
+def check_train_config(cfg: TrainConfig, source: str, *, teacher_checkpoint: str | None = None,
+                       teacher_config: TrainConfig | None = None) -> dict:
+    """Raise :class:`ConfigError` (one line) for anything that would fail later; returns a small plan.
+
+    ``teacher_config`` stands in for a teacher that is not trained yet (a sweep trains it first).
+    """
     check_data(cfg, source)
     check_timm_name(cfg.student.model, source, "student.model")
     depth = cfg.student.depth
     if not -depth <= cfg.kd.student_block < depth:
         _fail(source, "kd.student_block", f"{cfg.kd.student_block} is outside the student's {depth} blocks")
     grid_t, width_t = None, None
-    if cfg.kd.uses_teacher:
+    if cfg.kd.uses_teacher and teacher_config is not None:
+        teacher = describe_model(teacher_config)
+        grid_t, width_t = patch_grid(teacher), teacher.feature_width
+    elif cfg.kd.uses_teacher:
         grid_t, width_t = describe_teacher(cfg, source, teacher_checkpoint)
-    target = cfg.student.target_width or width_t
+    target = width_t
     try:
-        with torch.device("meta"):
-            student = build_student(cfg.student, num_classes=10, img_size=cfg.data.img_size, target_width=target,
-                                    tap_block=cfg.kd.student_block)
+        student = describe_model(cfg, target_width=target)
     except (ValueError, AssertionError, RuntimeError) as exc:
         _fail(source, "student", str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
     grid_s = patch_grid(student)
