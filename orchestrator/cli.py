@@ -1,7 +1,9 @@
 """The ``encmm`` command line (Typer). One small module per command; this file only wires them."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -44,6 +46,53 @@ def train(config: Annotated[Optional[str], typer.Argument(help="YAML config (def
         fail(f"training failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
     typer.echo(f"run {result['run_id']} FINISHED: val/acc1 {result.get('val/acc1', float('nan')):.2f} "
                f"(best {result.get('best/val/acc1', float('nan')):.2f}) -> {result['run_dir']}")
+
+
+@app.command()
+def sweep(config: Annotated[Optional[str], typer.Argument(help="sweep YAML (default: experiments/digits.yaml)")] = None,
+          set_: SetOption = None, address: AddressOption = None, tracking_uri: TrackingOption = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="print the trials and the resource plan, train nothing")] = False,
+          resume: Annotated[Optional[str], typer.Option("--resume", help="finish an interrupted sweep by name")] = None) -> None:
+    """Ray Tune sweep over student width x remedy x KD weights; every trial a Ray Train job, every run in MLflow."""
+    from orchestrator import sweep_command as sc
+    from orchestrator.tracking import TrackingError
+    from trainables.config import ConfigError
+
+    try:
+        setup = sc.prepare_sweep(config, set_ or [], tracking_uri)
+        if dry_run:
+            cluster, where = sc.local_resources(), "this machine"
+            if address or os.environ.get("RAY_ADDRESS"):
+                from orchestrator.ray_cluster import init_ray
+                import ray
+
+                init_ray(address)
+                cluster, where = ray.cluster_resources(), "Ray cluster"
+            typer.echo(sc.format_plan(setup, cluster, where))
+            return
+        if resume:
+            plan = sc.find_sweep(resume, setup.trials[0].tracking.output_dir, setup.uri)
+        else:
+            plan = sc.start_sweep(setup, address)
+    except (ConfigError, TrackingError) as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - teacher training or set-up failed; its run is FAILED
+        fail(f"sweep set-up failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+    typer.echo(f"sweep {plan['name']}: parent run {plan['parent_run_id']} ({plan['total_trials']} trials, "
+               f"{plan['max_concurrent_trials']} at once)")
+    try:
+        rows, best = sc.run_sweep(plan, resume=bool(resume), address=address)
+    except Exception as exc:  # noqa: BLE001 - parent run already FAILED; one line for the user
+        fail(f"sweep failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+    typer.echo((Path(plan["sweep_dir"]) / "summary.md").read_text())
+    finished = [r for r in rows if r["status"] == "FINISHED"]
+    if len(finished) < plan["total_trials"]:
+        typer.echo(f"{plan['total_trials'] - len(finished)} trial(s) not finished; "
+                   f"resume with: encmm sweep {config or ''} --resume {plan['name']}".replace("  ", " "))
+    if best:
+        typer.echo(f"best trial {best['trial']}: best val/acc1 {best['best/val/acc1']}")
+    if not finished:
+        fail("every trial failed", 1)
 
 
 def main() -> None:

@@ -32,10 +32,10 @@ def resolve_teacher_checkpoint(cfg: TrainConfig, uri: str, source: str) -> str |
     if run.info.status != "FINISHED":
         raise ConfigError(f"{source}: teacher.run_id: run {run_id} is {run.info.status}, not FINISHED")
     cache = Path(cfg.tracking.output_dir) / ".teachers" / run_id
-    local = cache / "checkpoints" / "best.pt"
+    local = cache / "best.pt"
     if not local.is_file():
         try:
-            tracking.download_artifact(uri, run_id, "checkpoints/best.pt", cache)
+            local = tracking.download_artifact(uri, run_id, "checkpoints/best.pt", cache)
         except Exception:  # noqa: BLE001
             raise ConfigError(f"{source}: teacher.run_id: run {run_id} has no checkpoints/best.pt artifact") from None
     return str(local)

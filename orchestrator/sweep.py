@@ -1,0 +1,182 @@
+"""The Ray Tune sweep (Train V2 pattern): a function trainable per trial launches a ``TorchTrainer``.
+
+Tune's search-space types appear in this module only. Each trial:
+1. re-attaches to (or creates) its MLflow child run, keyed by the sweep's parent run id and the Tune
+   trial id, so a restarted trial never duplicates its run;
+2. runs ``trainables.ray_worker.build_trainer(...).fit()`` with a run name derived from the trial id and
+   a shared storage path (a retried trial resumes from its Train checkpoint), reporting per-epoch
+   metrics to Tune through ``TuneReportCallback`` so ASHA sees them;
+3. logs final metrics, the mismatch metrics of its student and the best checkpoint; FINISHED or FAILED.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from orchestrator import tracking
+from orchestrator.sweep_config import trial_config_dict
+from trainables.config import TrainConfig, flatten
+
+PLAN_FILE = "sweep.json"
+METRIC = "val/acc1"
+
+
+def param_space(search: dict) -> dict[str, Any]:
+    """Grid axes -> ``tune.grid_search``; sampled axes -> Tune's distributions."""
+    space: dict[str, Any] = {key: tune.grid_search(values) for key, values in search.get("grid", {}).items()}
+    for key, axis in search.get("sample", {}).items():
+        kind = axis["distribution"]
+        if kind == "uniform":
+            space[key] = tune.uniform(axis["low"], axis["high"])
+        elif kind == "loguniform":
+            space[key] = tune.loguniform(axis["low"], axis["high"])
+        elif kind == "randint":
+            space[key] = tune.randint(int(axis["low"]), int(axis["high"]))
+        else:
+            space[key] = tune.choice(axis["values"])
+    return space
+
+
+def trial_train_config(plan: dict, assignment: dict[str, Any], trial_id: str) -> TrainConfig:
+    tree = trial_config_dict(plan["base"], assignment)
+    tree["name"] = f"{plan['name']}-{trial_id}"[:100]
+    return TrainConfig.model_validate(tree)
+
+
+def run_trial(config: dict[str, Any], plan: dict) -> None:
+    """Tune function trainable: one trial = one Ray Train job + its MLflow child run."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.mismatch import measure_mismatch
+    from trainables.ray_worker import BEST_FILE, build_trainer
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_train_config(plan, config, trial_id)
+    uri = plan["uri"]
+    run_id = tracking.attach_run(
+        uri, plan["experiment"], f"{plan['name']}/{trial_id}",
+        key_tags={"encmm.parent_run_id": plan["parent_run_id"], "encmm.trial_id": trial_id},
+        params=flatten(cfg.model_dump(mode="json")),
+        tags={"encmm.kind": "trial", "encmm.sweep_name": plan["name"],
+              "encmm.assignment": json.dumps(config, sort_keys=True, default=str)},
+        parent_run_id=plan["parent_run_id"])
+    logger = tracking.RunLogger(uri, run_id)
+    storage = Path(plan["sweep_dir"]) / "trials"
+    try:
+        trainer = build_trainer(cfg, run_name=trial_id, storage_path=str(storage), log=logger,
+                                teacher_checkpoint=plan.get("teacher_checkpoint"),
+                                callbacks=[TuneReportCallback()])
+        result = trainer.fit()
+        final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        epoch = int(final.get("epoch", 0))
+        best = storage / trial_id / BEST_FILE
+        summary = {f"final/{k}": v for k, v in final.items() if k.startswith(("val/", "train/", "best/"))}
+        if best.is_file():
+            logger.log_artifact(best, "checkpoints")
+            from trainables.teacher import load_checkpoint_file
+
+            summary["params_inference"] = load_checkpoint_file(best)["spec"]["params_inference"]
+            summary.update(measure_mismatch(cfg, str(best), teacher_checkpoint=plan.get("teacher_checkpoint"),
+                                            num_images=plan["mismatch_images"]))
+        logger.log_metrics(summary, step=epoch)
+        tracking.end_run(uri, run_id, "FINISHED")
+    except BaseException as exc:
+        tracking.end_run(uri, run_id, "FAILED", error="".join(traceback.format_exception_only(type(exc), exc)))
+        raise
+
+
+class SweepProgress(tune.Callback):
+    """One status line whenever a trial changes state: done / running / pending / failed, best val/acc1.
+
+    Also the safety net for MLflow: a trial that ends without closing its run (stopped early by ASHA,
+    or its driver died) gets its child run closed here, never left RUNNING.
+    """
+
+    def __init__(self, plan: dict, total: int):
+        self.plan, self.total = plan, total
+        self.state: dict[str, str] = {}
+        self.best: tuple[float, str] | None = None
+
+    def _print(self) -> None:
+        counts = {s: sum(1 for v in self.state.values() if v == s) for s in ("done", "running", "failed")}
+        pending = max(0, self.total - len(self.state))
+        best = f"{self.best[0]:.2f} ({self.best[1]})" if self.best else "-"
+        print(f"[sweep {self.plan['name']}] {counts['done']}/{self.total} done, {counts['running']} running, "
+              f"{pending} pending, {counts['failed']} failed | best {METRIC} {best}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.state[trial.trial_id] = "running"
+        self._print()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(METRIC)
+        if isinstance(value, (int, float)) and not math.isnan(value) and (self.best is None or value > self.best[0]):
+            self.best = (float(value), trial.trial_id)
+            self._print()
+
+    def _close_child(self, trial_id: str, status: str) -> None:
+        runs = tracking.find_runs(self.plan["uri"], self.plan["experiment"],
+                                  {"encmm.parent_run_id": self.plan["parent_run_id"], "encmm.trial_id": trial_id},
+                                  statuses=("RUNNING",))
+        for run in runs:
+            if status == "FINISHED":
+                tracking.set_tags(self.plan["uri"], run.info.run_id, {"encmm.stopped_early": "true"})
+            tracking.end_run(self.plan["uri"], run.info.run_id, status,
+                             error=None if status == "FINISHED" else "trial ended without closing its run")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.state[trial.trial_id] = "done"
+        self._close_child(trial.trial_id, "FINISHED")
+        self._print()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.state[trial.trial_id] = "failed"
+        self._close_child(trial.trial_id, "FAILED")
+        self._print()
+
+
+def build_tuner(plan: dict, *, restore: bool = False) -> tune.Tuner:
+    """The Tuner for ``plan`` (a fresh sweep, or ``Tuner.restore`` of an interrupted one)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan),
+                                    {"CPU": plan["trial_driver_cpus"]})
+    if restore:
+        return tune.Tuner.restore(plan["sweep_dir"], trainable=trainable, resume_errored=True)
+    scheduler = None
+    if plan.get("asha"):
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan["epochs"],
+                                  grace_period=plan["asha"]["grace_period"],
+                                  reduction_factor=plan["asha"]["reduction_factor"])
+    sweep_dir = Path(plan["sweep_dir"])
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(plan["search"]),
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
+                                    num_samples=plan["search"].get("num_samples", 1),
+                                    max_concurrent_trials=plan["max_concurrent_trials"]),
+        run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=plan["max_trial_failures"]),
+                                  callbacks=[SweepProgress(plan, plan["total_trials"])]),
+    )
+
+
+def save_plan(plan: dict) -> Path:
+    path = Path(plan["sweep_dir"]) / PLAN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan, indent=2, sort_keys=True))
+    return path
+
+
+def load_plan(sweep_dir: Path) -> dict:
+    return json.loads((sweep_dir / PLAN_FILE).read_text())
+
+
+def timestamped(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,290 @@
+"""``encmm sweep``: validate, plan, train or reuse the teacher, run the Tune sweep, summarise.
+
+Everything that can fail on bad input (the sweep file, every trial's config, the teacher, the tracking
+store, the resource plan) is checked before the parent run or any folder is created.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator import tracking
+from orchestrator.sweep import build_tuner, load_plan, save_plan, timestamped
+from orchestrator.train_command import resolve_teacher_checkpoint
+from orchestrator.sweep_config import SweepConfig, grid_points, load_sweep_config, validate_trials
+from trainables.config import ConfigError, TrainConfig, absolutize_paths, flatten, load_train_config, \
+    with_absolute_paths
+from trainables.preflight import check_train_config
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+DEFAULT_SWEEP = EXPERIMENTS_DIR / "digits.yaml"
+
+
+@dataclass
+class SweepSetup:
+    cfg: SweepConfig
+    source: str
+    uri: str
+    trials: list[TrainConfig]  # one validated config per grid point (sampled axes at their bounds)
+    teacher_cfg: TrainConfig | None  # the teacher encmm trains (or reuses) first
+    per_trial: dict  # resources one trial holds
+
+
+def teacher_hash(cfg: TrainConfig) -> str:
+    """Identity of a teacher training spec: everything but the name and where results go."""
+    tree = cfg.model_dump(mode="json")
+    tree.pop("tracking")
+    tree.pop("name")
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trial_resources(trials: list[TrainConfig], driver_cpus: float) -> dict:
+    cpus = max(t.resources.workers * t.resources.cpus_per_worker for t in trials) + driver_cpus
+    gpus = max(t.resources.workers * t.resources.gpus_per_worker for t in trials)
+    return {"CPU": cpus, "GPU": gpus, "workers": max(t.resources.workers for t in trials)}
+
+
+def concurrent_trials(per_trial: dict, cluster: dict, setting: int | None) -> int:
+    fit = math.floor(cluster.get("CPU", 0) / per_trial["CPU"] + 1e-9)
+    if per_trial["GPU"]:
+        fit = min(fit, math.floor(cluster.get("GPU", 0) / per_trial["GPU"] + 1e-9))
+    return min(fit, setting) if setting else fit
+
+
+def local_resources() -> dict:
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def prepare_sweep(path: str | None, overrides: list[str], tracking_uri: str | None) -> SweepSetup:
+    """Validate the sweep and every trial it will run; no side effects."""
+    file = Path(path) if path else DEFAULT_SWEEP
+    cfg, folder = load_sweep_config(file, overrides)
+    source = str(file)
+    cfg.base = absolutize_paths(cfg.base)
+    teacher_cfg = None
+    teacher_shape = None
+    if cfg.teacher_training:
+        teacher_file = (folder / cfg.teacher_training).resolve()
+        teacher_cfg = with_absolute_paths(load_train_config(teacher_file))
+        check_train_config(teacher_cfg, str(teacher_file))
+        teacher_shape = teacher_cfg  # the students' teacher is this config's model
+        cfg.base["teacher"] = {"source": "run", "run_id": "to-be-trained"}
+    trials = validate_trials(cfg, source)
+    uri = tracking.resolve_tracking_uri(tracking_uri, trials[0].tracking.uri)
+    tracking.check_tracking(uri)
+    for trial in trials:
+        checkpoint = None if teacher_shape else resolve_teacher_checkpoint(trial, uri, source)
+        check_train_config(trial, source, teacher_config=teacher_shape, teacher_checkpoint=checkpoint)
+    return SweepSetup(cfg, source, uri, trials, teacher_cfg, trial_resources(trials, cfg.trial_driver_cpus))
+
+
+def trial_count(cfg: SweepConfig) -> int:
+    return len(grid_points(cfg.search)) * cfg.search.num_samples
+
+
+def format_plan(setup: SweepSetup, cluster: dict, where: str) -> str:
+    cfg = setup.cfg
+    lines = [f"sweep {cfg.name}: {trial_count(cfg)} trials ({len(grid_points(cfg.search))} grid points x "
+             f"{cfg.search.num_samples} samples)"]
+    keys = list(cfg.search.grid) + list(cfg.search.sample)
+    if keys:
+        lines.append("  #  " + " | ".join(keys))
+        index = 0
+        for point in grid_points(cfg.search):
+            for _ in range(cfg.search.num_samples):
+                cells = [str(point[k]) for k in cfg.search.grid] + [
+                    f"{a.distribution}({a.low}, {a.high})" if a.distribution != "choice" else f"choice{a.values}"
+                    for a in cfg.search.sample.values()]
+                lines.append(f"  {index:<3d}" + " | ".join(cells))
+                index += 1
+    per = setup.per_trial
+    at_once = concurrent_trials(per, cluster, cfg.max_concurrent_trials)
+    lines.append(f"resources per trial: {per['workers']} Train worker(s), {per['CPU']:g} CPU, {per['GPU']:g} GPU "
+                 f"(trial driver {cfg.trial_driver_cpus:g} CPU)")
+    lines.append(f"cluster ({where}): {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU -> "
+                 f"{at_once} trial(s) at once" + ("" if at_once else "  [does not fit: needs a bigger cluster]"))
+    epochs = max(t.schedule.epochs for t in setup.trials)
+    lines.append(f"epochs per trial: {epochs}; early stopping: "
+                 + (f"ASHA on val/acc1 (grace {cfg.asha.grace_period}, factor {cfg.asha.reduction_factor:g})"
+                    if cfg.asha else "off"))
+    if setup.teacher_cfg is not None:
+        lines.append(f"teacher: trained once from {cfg.teacher_training} (hash {teacher_hash(setup.teacher_cfg)}), "
+                     f"reused when a FINISHED run with that hash exists")
+    else:
+        lines.append(f"teacher: {setup.trials[0].teacher.source} {setup.trials[0].teacher.model or ''}".rstrip())
+    return "\n".join(lines)
+
+
+def ensure_teacher(setup: SweepSetup, address: str | None) -> str:
+    """Run id of a FINISHED teacher run for ``setup.teacher_cfg``: reused by hash, else trained now."""
+    from orchestrator.train_command import run_train
+
+    cfg = setup.teacher_cfg
+    digest = teacher_hash(cfg)
+    found = tracking.find_runs(setup.uri, cfg.tracking.experiment, {"encmm.config_hash": digest},
+                               statuses=("FINISHED",))
+    if found:
+        print(f"[sweep] reusing teacher run {found[0].info.run_id} (hash {digest})", flush=True)
+        return found[0].info.run_id
+    print(f"[sweep] training the teacher (hash {digest}) before the students", flush=True)
+    result = run_train(cfg, setup.uri, address=address, tags={"encmm.config_hash": digest})
+    return result["run_id"]
+
+
+def summarize(plan: dict) -> tuple[list[dict], dict | None]:
+    """One row per child run (from MLflow, the source of truth); the best FINISHED row by best val/acc1."""
+    runs = tracking.find_runs(plan["uri"], plan["experiment"], {"encmm.parent_run_id": plan["parent_run_id"]})
+    rows = []
+    axes = list(plan["search"].get("grid", {})) + list(plan["search"].get("sample", {}))
+    for run in sorted(runs, key=lambda r: r.data.tags.get("encmm.trial_id", "")):
+        m, p = run.data.metrics, run.data.params
+        row = {"trial": run.data.tags.get("encmm.trial_id"), "status": run.info.status, "run_id": run.info.run_id}
+        row.update({f"{k}": p.get(k, json.loads(run.data.tags.get("encmm.assignment", "{}")).get(k)) for k in
+                    ["student.remedy", "student.width", "kd.alpha", "kd.beta", "seed", *axes] if k not in row})
+        for key in ("final/best/val/acc1", "final/val/acc1", "params_inference", "diag/svd_rank_p99/0.99",
+                    "diag/pca_rank_p99/0.99", "diag/sep_ratio_90", "diag/feat_mse"):
+            value = m.get(key)
+            if key == "params_inference" and value is not None:
+                value = int(value)
+            row[key.removeprefix("final/")] = round(value, 4) if isinstance(value, float) else value
+        rows.append(row)
+    finished = [r for r in rows if r["status"] == "FINISHED" and r.get("best/val/acc1") is not None]
+    best = max(finished, key=lambda r: r["best/val/acc1"]) if finished else None
+    return rows, best
+
+
+def write_summary(rows: list[dict], folder: Path) -> tuple[Path, Path]:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    csv_path, md_path = folder / "summary.csv", folder / "summary.md"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = [c for c in columns if c != "run_id"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in shown) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def finish_sweep(plan: dict, interrupted: bool) -> tuple[list[dict], dict | None]:
+    rows, best = summarize(plan)
+    folder = Path(plan["sweep_dir"])
+    for path in write_summary(rows, folder):
+        tracking.log_artifact(plan["uri"], plan["parent_run_id"], path)
+    if best:
+        tracking.set_tags(plan["uri"], plan["parent_run_id"], {"encmm.best_trial": best["trial"],
+                                                               "encmm.best_run_id": best["run_id"]})
+        tracking.log_metrics(plan["uri"], plan["parent_run_id"], {"best/val/acc1": best["best/val/acc1"]})
+    counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("FINISHED", "FAILED", "RUNNING", "KILLED")}
+    tracking.log_metrics(plan["uri"], plan["parent_run_id"], {
+        "trials/finished": counts["FINISHED"], "trials/failed": counts["FAILED"]})
+    if interrupted:
+        tracking.end_run(plan["uri"], plan["parent_run_id"], "KILLED", error="interrupted; resume with --resume")
+    else:
+        tracking.end_run(plan["uri"], plan["parent_run_id"], "FINISHED" if counts["FINISHED"] else "FAILED")
+    return rows, best
+
+
+def build_plan(setup: SweepSetup, *, teacher_run_id: str | None, teacher_checkpoint: str | None,
+               parent_run_id: str, sweep_dir: Path, max_concurrent: int) -> dict:
+    cfg = setup.cfg
+    base = dict(cfg.base)
+    if teacher_run_id:
+        base["teacher"] = {"source": "run", "run_id": teacher_run_id}
+    return {
+        "name": sweep_dir.name, "sweep_dir": str(sweep_dir), "uri": setup.uri,
+        "experiment": setup.trials[0].tracking.experiment, "parent_run_id": parent_run_id, "base": base,
+        "teacher_checkpoint": teacher_checkpoint, "search": cfg.search.model_dump(mode="json"),
+        "asha": cfg.asha.model_dump(mode="json") if cfg.asha else None,
+        "epochs": max(t.schedule.epochs for t in setup.trials), "max_concurrent_trials": max_concurrent,
+        "trial_driver_cpus": cfg.trial_driver_cpus, "max_trial_failures": cfg.max_trial_failures,
+        "mismatch_images": cfg.mismatch_images, "total_trials": trial_count(cfg),
+    }
+
+
+def start_sweep(setup: SweepSetup, address: str | None) -> dict:
+    """Create the parent run and the plan (teacher trained or reused first); returns the plan."""
+    import ray
+
+    from orchestrator.mismatch import teacher_summary
+    from orchestrator.ray_cluster import init_ray
+
+    init_ray(address)
+    at_once = concurrent_trials(setup.per_trial, ray.cluster_resources(), setup.cfg.max_concurrent_trials)
+    if at_once < 1:
+        raise ConfigError(f"{setup.source}: resources: one trial needs {setup.per_trial['CPU']:g} CPU / "
+                          f"{setup.per_trial['GPU']:g} GPU; the cluster has {ray.cluster_resources()}")
+    teacher_run_id = ensure_teacher(setup, address) if setup.teacher_cfg is not None else None
+    probe = setup.trials[0]
+    if teacher_run_id:
+        probe = TrainConfig.model_validate({**probe.model_dump(mode="json"),
+                                            "teacher": {"source": "run", "run_id": teacher_run_id}})
+    teacher_checkpoint = resolve_teacher_checkpoint(probe, setup.uri, setup.source)
+    sweep_dir = Path(probe.tracking.output_dir) / "sweeps" / timestamped(setup.cfg.name)
+    parent_run_id = tracking.start_run(
+        setup.uri, probe.tracking.experiment, sweep_dir.name,
+        params={**{f"sweep.{k}": v for k, v in flatten(setup.cfg.model_dump(mode="json", exclude={"base"})).items()},
+                **flatten(setup.cfg.base)},
+        tags={"encmm.kind": "sweep", "encmm.sweep_name": sweep_dir.name, "encmm.sweep_dir": str(sweep_dir),
+              "encmm.code_version": code_version()})
+    try:
+        plan = build_plan(setup, teacher_run_id=teacher_run_id, teacher_checkpoint=teacher_checkpoint,
+                          parent_run_id=parent_run_id, sweep_dir=sweep_dir, max_concurrent=at_once)
+        tracking.log_artifact(setup.uri, parent_run_id, save_plan(plan))
+        if probe.kd.uses_teacher:
+            tracking.log_metrics(setup.uri, parent_run_id, teacher_summary(probe, teacher_checkpoint,
+                                                                           setup.cfg.mismatch_images))
+    except BaseException as exc:
+        tracking.end_run(setup.uri, parent_run_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}")
+        raise
+    return plan
+
+
+def code_version() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def find_sweep(name: str, output_dir: str, uri: str) -> dict:
+    """The saved plan of sweep ``name`` (a folder under ``<output_dir>/sweeps``)."""
+    folder = Path(output_dir).resolve() / "sweeps" / name
+    if not (folder / "sweep.json").is_file():
+        raise ConfigError(f"--resume: no sweep named {name!r} under {folder.parent}")
+    plan = load_plan(folder)
+    if plan["uri"] != uri:
+        raise ConfigError(f"--resume: sweep {name} is tracked in {plan['uri']}, not {uri}")
+    return plan
+
+
+def run_sweep(plan: dict, *, resume: bool, address: str | None) -> tuple[list[dict], dict | None]:
+    """Run (or resume) the Tune sweep for ``plan``; the parent run always ends closed."""
+    from orchestrator.ray_cluster import init_ray
+
+    init_ray(address)
+    if resume:
+        tracking.set_tags(plan["uri"], plan["parent_run_id"], {"encmm.resumed": "true"})
+        tracking.set_status(plan["uri"], plan["parent_run_id"], "RUNNING")
+    interrupted = False
+    try:
+        tuner = build_tuner(plan, restore=resume)
+        tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+    except BaseException as exc:
+        tracking.end_run(plan["uri"], plan["parent_run_id"], "FAILED", error=f"{exc.__class__.__name__}: {exc}")
+        raise
+    return finish_sweep(plan, interrupted)

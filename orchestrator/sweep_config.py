@@ -1,0 +1,140 @@
+"""Typed sweep configuration: a base training config plus a search space (no Ray types here).
+
+    name: digits
+    teacher_training: digits-teacher.yaml   # optional: trained once, reused by config hash
+    base: {...}                             # a TrainConfig (trainables/config.py), inline or a file path
+    search:
+      grid:                                 # every combination runs
+        student.remedy: [none, lift, widelast]
+        kd:                                 # a section axis: each value is merged into `kd`
+          - {alpha: 0.0, beta: 1.0}
+          - {alpha: 0.9, beta: 1.0}
+      sample:                               # drawn num_samples times per grid point
+        kd.temperature: {distribution: uniform, low: 1.0, high: 4.0}
+      num_samples: 1
+    asha: {grace_period: 2, reduction_factor: 2}   # optional early stopping on val/acc1
+    max_concurrent_trials: null             # default: what the cluster's CPUs/GPUs fit
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from trainables.config import TrainConfig, _Strict, apply_overrides, read_yaml, validate_model
+
+
+class SampledAxis(_Strict):
+    distribution: Literal["uniform", "loguniform", "randint", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SampledAxis":
+        if self.distribution == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty values list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.distribution} needs low < high")
+        elif self.distribution == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """Values that bound the axis, for validating trial configs before the sweep starts."""
+        if self.distribution == "choice":
+            return list(self.values)
+        if self.distribution == "randint":
+            return [int(self.low), int(self.high) - 1]
+        return [self.low, self.high]
+
+
+class SearchSpace(_Strict):
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    sample: dict[str, SampledAxis] = Field(default_factory=dict)
+    num_samples: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchSpace":
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid axis {key} has no values")
+        both = set(self.grid) & set(self.sample)
+        if both:
+            raise ValueError(f"axis {sorted(both)[0]} is both a grid and a sampled axis")
+        return self
+
+
+class AshaConfig(_Strict):
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepConfig(_Strict):
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+    teacher_training: str | None = Field(None, description="YAML of a teacher to train once and reuse")
+    base: dict[str, Any] = Field(default_factory=dict)
+    search: SearchSpace = SearchSpace()
+    asha: AshaConfig | None = None
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_trial_failures: int = Field(1, ge=0, description="Tune retries of a failed trial driver")
+    trial_driver_cpus: float = Field(0.01, gt=0, description="CPU share of each trial's driver (fractional)")
+    mismatch_images: int = Field(200, ge=2, description="val images used for each trial's mismatch metrics")
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict; a dict value for a section key is merged, not replaced."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        node[parts[-1]].update(copy.deepcopy(value))
+    else:
+        node[parts[-1]] = copy.deepcopy(value)
+
+
+def trial_config_dict(base: dict, assignment: dict[str, Any]) -> dict:
+    """Base config dict with one trial's axis values applied."""
+    tree = copy.deepcopy(base)
+    for key, value in assignment.items():
+        set_dotted(tree, key, value)
+    return tree
+
+
+def grid_points(space: SearchSpace) -> list[dict[str, Any]]:
+    keys = list(space.grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(space.grid[k] for k in keys))] or [{}]
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Path]:
+    """Read and validate a sweep file; ``--set`` overrides address the base (``kd.alpha=..``) or the sweep
+    (``sweep.name=..``). Returns the config and the folder relative paths resolve against."""
+    path = Path(path)
+    raw = read_yaml(path)
+    base_ref = raw.get("base")
+    if isinstance(base_ref, str):
+        raw["base"] = read_yaml((path.parent / base_ref).resolve())
+    sweep_overrides = [o.removeprefix("sweep.") for o in overrides or [] if o.startswith("sweep.")]
+    base_overrides = [o for o in overrides or [] if not o.startswith("sweep.")]
+    apply_overrides(raw, sweep_overrides)
+    apply_overrides(raw.setdefault("base", {}) or {}, base_overrides)
+    cfg = validate_model(SweepConfig, raw, str(path))
+    return cfg, path.parent.resolve()
+
+
+def validate_trials(cfg: SweepConfig, source: str) -> list[TrainConfig]:
+    """Every grid point (sampled axes at their bounds) must be a valid TrainConfig: fail before any work."""
+    configs = []
+    for point in grid_points(cfg.search):
+        bounds = [dict(zip(cfg.search.sample, values))
+                  for values in itertools.product(*(axis.extremes() for axis in cfg.search.sample.values()))] or [{}]
+        for extreme in bounds:
+            tree = trial_config_dict(cfg.base, {**point, **extreme})
+            label = ", ".join(f"{k}={v}" for k, v in {**point, **extreme}.items()) or "base"
+            configs.append(validate_model(TrainConfig, tree, f"{source} [trial {label}]"))
+    return configs
