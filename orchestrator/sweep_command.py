@@ -175,7 +175,17 @@ def write_summary(rows: list[dict], folder: Path) -> tuple[Path, Path]:
 
 
 def finish_sweep(plan: dict, interrupted: bool) -> tuple[list[dict], dict | None]:
+    """Summary table and best trial onto the parent run, then close it (and any child left RUNNING).
+
+    A sweep that stopped before every trial ended (Ctrl-C) is KILLED and resumable with ``--resume``.
+    """
     rows, best = summarize(plan)
+    ended = [r for r in rows if r["status"] in ("FINISHED", "FAILED")]
+    interrupted = interrupted or len(ended) < plan["total_trials"]
+    for row in rows:
+        if row["status"] == "RUNNING":
+            tracking.end_run(plan["uri"], row["run_id"], "KILLED", error="sweep interrupted; resume re-attaches")
+            row["status"] = "KILLED"
     folder = Path(plan["sweep_dir"])
     for path in write_summary(rows, folder):
         tracking.log_artifact(plan["uri"], plan["parent_run_id"], path)
@@ -183,13 +193,14 @@ def finish_sweep(plan: dict, interrupted: bool) -> tuple[list[dict], dict | None
         tracking.set_tags(plan["uri"], plan["parent_run_id"], {"encmm.best_trial": best["trial"],
                                                                "encmm.best_run_id": best["run_id"]})
         tracking.log_metrics(plan["uri"], plan["parent_run_id"], {"best/val/acc1": best["best/val/acc1"]})
-    counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("FINISHED", "FAILED", "RUNNING", "KILLED")}
+    finished = sum(1 for r in rows if r["status"] == "FINISHED")
     tracking.log_metrics(plan["uri"], plan["parent_run_id"], {
-        "trials/finished": counts["FINISHED"], "trials/failed": counts["FAILED"]})
+        "trials/finished": finished, "trials/failed": sum(1 for r in rows if r["status"] == "FAILED")})
     if interrupted:
-        tracking.end_run(plan["uri"], plan["parent_run_id"], "KILLED", error="interrupted; resume with --resume")
+        tracking.end_run(plan["uri"], plan["parent_run_id"], "KILLED",
+                         error=f"interrupted; resume with: encmm sweep --resume {plan['name']}")
     else:
-        tracking.end_run(plan["uri"], plan["parent_run_id"], "FINISHED" if counts["FINISHED"] else "FAILED")
+        tracking.end_run(plan["uri"], plan["parent_run_id"], "FINISHED" if finished else "FAILED")
     return rows, best
 
 
