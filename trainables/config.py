@@ -258,16 +258,24 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def with_absolute_paths(cfg: TrainConfig, base: Path | None = None) -> TrainConfig:
-    """Ray workers chdir into their own folders: make every path in ``cfg`` absolute."""
+PATH_FIELDS = ("data.root", "teacher.checkpoint", "teacher.pretrained_file", "tracking.output_dir")
+
+
+def absolutize_paths(tree: dict, base: Path | None = None) -> dict:
+    """Copy of a config dict with every path field made absolute (Ray workers chdir elsewhere)."""
+    import copy
+
     base = (base or Path.cwd()).resolve()
-
-    def absolute(value: str | None) -> str | None:
-        return str((base / Path(value).expanduser()).resolve()) if value else value
-
-    out = cfg.model_copy(deep=True)
-    out.data.root = absolute(out.data.root)
-    out.teacher.checkpoint = absolute(out.teacher.checkpoint)
-    out.teacher.pretrained_file = absolute(out.teacher.pretrained_file)
-    out.tracking.output_dir = absolute(out.tracking.output_dir)
+    out = copy.deepcopy(tree)
+    for dotted in PATH_FIELDS:
+        section, key = dotted.split(".")
+        node = out.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
+            node[key] = str((base / Path(node[key]).expanduser()).resolve())
+    if not (out.get("tracking") or {}).get("output_dir"):
+        out.setdefault("tracking", {})["output_dir"] = str(base / TrackingConfig().output_dir)
     return out
+
+
+def with_absolute_paths(cfg: TrainConfig, base: Path | None = None) -> TrainConfig:
+    return TrainConfig.model_validate(absolutize_paths(cfg.model_dump(mode="json"), base))
