@@ -1,0 +1,1 @@
+"""Analysis of encoding mismatch: spectral diagnostics math, feature collection, plots, Ray tasks."""
