@@ -95,6 +95,53 @@ def sweep(config: Annotated[Optional[str], typer.Argument(help="sweep YAML (defa
         fail("every trial failed", 1)
 
 
+@app.command()
+def diagnose(
+    model: Annotated[Optional[str], typer.Option("--model", help="timm model name (random init unless --pretrained); with --features it only names them")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="an encmm checkpoint (best.pt)")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", help="MLflow run id of an encmm training run (its checkpoints/best.pt)")] = None,
+    features: Annotated[Optional[str], typer.Option("--features", help="saved features: one [L,I,N,C] .npy/.npz/.pt, or a folder of per-image [L,N,C] arrays")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="load timm's pretrained weights (downloads)")] = False,
+    model_arg: Annotated[Optional[list[str]], typer.Option("--model-arg", help="timm.create_model override KEY=VALUE, e.g. img_size=32")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="digits (default) | ImageFolder path | timm dataset name (torch/cifar10, ...)")] = None,
+    data_root: Annotated[Optional[str], typer.Option("--data-root", help="root folder of a timm dataset name (default ./data)")] = None,
+    images_per_class: Annotated[int, typer.Option("--images-per-class", help="first K images of each class (paper: 1)")] = 1,
+    thresholds: Annotated[str, typer.Option("--thresholds", help="energy thresholds in (0, 1)")] = "0.8,0.9,0.95,0.99",
+    center: Annotated[bool, typer.Option("--center", help="subtract each image's token mean first")] = False,
+    permutations: Annotated[int, typer.Option("--permutations", help="random channel orders for the SEP robustness check")] = 0,
+    pairs: Annotated[int, typer.Option("--pairs", help="sampled image pairs for image-vs-image rotation")] = 500,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the pair sample, the permutations and a random-init --model")] = 0,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="subset of layers, e.g. 0,5,-1 (default: all)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="images per forward pass")] = 64,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:i]")] = "auto",
+    out: Annotated[Optional[str], typer.Option("--out", help="output folder (default ./diagnostics/<model>-<timestamp>)")] = None,
+    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment")] = "encmm",
+    address: AddressOption = None, tracking_uri: TrackingOption = None,
+) -> None:
+    """Spectral diagnostics of a model's block outputs (per-image SVD rank, shared PCA rank, subspace rotation,
+    token SEP), per layer as Ray tasks; JSON, CSV and PNGs in --out and an MLflow run."""
+    from orchestrator.diagnose_command import DiagnoseOptions, prepare_diagnose, run_diagnose
+    from orchestrator.tracking import TrackingError
+    from trainables.config import ConfigError
+
+    options = DiagnoseOptions(
+        model=model, checkpoint=checkpoint, run=run, features=features, pretrained=pretrained,
+        model_args=model_arg or [], data=data, data_root=data_root, images_per_class=images_per_class,
+        thresholds=thresholds, center=center, permutations=permutations, pairs=pairs, seed=seed, layers=layers,
+        batch_size=batch_size, device=device, out=out, tracking_uri=tracking_uri, experiment=experiment)
+    try:
+        plan = prepare_diagnose(options)
+    except (ConfigError, TrackingError) as exc:
+        fail(str(exc))
+    try:
+        result = run_diagnose(plan, address=address)
+    except KeyboardInterrupt:
+        fail("interrupted; the MLflow run is marked KILLED", 130)
+    except Exception as exc:  # noqa: BLE001 - the run is already FAILED in MLflow; say why in one line
+        fail(f"diagnose failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+    typer.echo(result["summary"])
+
+
 def main() -> None:
     app(prog_name="encmm")
 

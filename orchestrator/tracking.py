@@ -74,6 +74,34 @@ def check_tracking(uri: str) -> None:
             from None
 
 
+def store_exists(uri: str) -> bool:
+    """False for a SQLite store not created yet (it holds no runs; opening it would create it)."""
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+
+
+def fetch_best_checkpoint(uri: str, run_id: str, dest: str | Path, label: str) -> Path:
+    """Local copy of a FINISHED encmm run's ``checkpoints/best.pt`` (kept in ``dest``, fetched once).
+
+    Raises :class:`TrackingError` with one line starting with ``label`` when the run cannot serve one;
+    never creates a store that does not exist.
+    """
+    if not store_exists(uri):
+        raise TrackingError(f"{label}: no MLflow run {run_id!r}: the store {uri} does not exist")
+    try:
+        run = get_run(uri, run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises several types for a missing run
+        raise TrackingError(f"{label}: no MLflow run {run_id!r} in {uri}") from None
+    if run.info.status != "FINISHED":
+        raise TrackingError(f"{label}: run {run_id} is {run.info.status}, not FINISHED")
+    local = Path(dest) / "best.pt"
+    if local.is_file():
+        return local
+    try:
+        return download_artifact(uri, run_id, "checkpoints/best.pt", dest)
+    except Exception:  # noqa: BLE001
+        raise TrackingError(f"{label}: run {run_id} has no checkpoints/best.pt artifact") from None
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     client = _client(uri)
     experiment = client.get_experiment_by_name(name)

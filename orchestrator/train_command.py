@@ -24,21 +24,8 @@ def resolve_teacher_checkpoint(cfg: TrainConfig, uri: str, source: str) -> str |
     """For ``teacher.source=run``: the local copy of that run's best checkpoint (downloaded once)."""
     if cfg.teacher.source != "run" or not cfg.kd.uses_teacher:
         return None
-    run_id = cfg.teacher.run_id
-    try:
-        run = tracking.get_run(uri, run_id)
-    except Exception:  # noqa: BLE001 - MLflow raises several types for a missing run
-        raise ConfigError(f"{source}: teacher.run_id: no MLflow run {run_id!r} in {uri}") from None
-    if run.info.status != "FINISHED":
-        raise ConfigError(f"{source}: teacher.run_id: run {run_id} is {run.info.status}, not FINISHED")
-    cache = Path(cfg.tracking.output_dir) / ".teachers" / run_id
-    local = cache / "best.pt"
-    if not local.is_file():
-        try:
-            local = tracking.download_artifact(uri, run_id, "checkpoints/best.pt", cache)
-        except Exception:  # noqa: BLE001
-            raise ConfigError(f"{source}: teacher.run_id: run {run_id} has no checkpoints/best.pt artifact") from None
-    return str(local)
+    cache = Path(cfg.tracking.output_dir) / ".teachers" / cfg.teacher.run_id
+    return str(tracking.fetch_best_checkpoint(uri, cfg.teacher.run_id, cache, f"{source}: teacher.run_id"))
 
 
 def prepare_train(config_path: str | None, overrides: list[str], tracking_uri: str | None) -> tuple:

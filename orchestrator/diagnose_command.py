@@ -1,0 +1,461 @@
+"""``encmm diagnose``: the paper's spectral diagnostics (paper.md, "Diagnostics") for any model.
+
+Order matters, as in ``encmm train``: :func:`prepare_diagnose` checks every input (options, the
+tracking store, the model, the images or saved features) and creates nothing, raising
+:class:`ConfigError` with one line; :func:`run_diagnose` then extracts features, fans the per-layer
+math out as Ray tasks (analysis/ray_tasks.py), writes ``<out>/diagnostics.json``, CSV tables and PNG
+figures, and logs them all to one MLflow run that ends FINISHED, or FAILED on a crash.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import yaml
+
+from analysis import features as feats
+from analysis.spectra import check_thresholds, threshold_key
+from orchestrator import tracking
+from trainables.config import ConfigError
+
+DATASET_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
+RANK_STATS = ("p99", "mean", "median", "std", "q25", "q75")
+METRIC_STATS = ("p99", "mean", "median")
+
+
+@dataclass
+class DiagnoseOptions:
+    """The command line, as given (see ``encmm diagnose --help``)."""
+
+    model: str | None = None
+    checkpoint: str | None = None
+    run: str | None = None
+    features: str | None = None
+    pretrained: bool = False
+    model_args: list[str] = field(default_factory=list)
+    data: str | None = None
+    data_root: str | None = None
+    images_per_class: int = 1
+    thresholds: str = "0.8,0.9,0.95,0.99"
+    center: bool = False
+    permutations: int = 0
+    pairs: int = 500
+    seed: int = 0
+    layers: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    out: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+
+
+@dataclass
+class DiagnosePlan:
+    """Everything validated: what to run, on which images, and where results go."""
+
+    label: str
+    thresholds: tuple[float, ...]
+    layer_indices: list[int]  # model layer index of each diagnosed layer
+    num_images: int
+    out: Path
+    uri: str
+    experiment: str
+    params: dict
+    options: DiagnoseOptions
+    device: torch.device
+    features: list[torch.Tensor] | None = None  # --features: already loaded and checked
+    model: torch.nn.Module | None = None
+    batches: Callable[[], Iterable[torch.Tensor]] | None = None
+
+
+# --------------------------------------------------------------------------------- validation
+def _split_list(text: str, option: str, kind: type) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} is not a comma-separated list of {kind.__name__}s") from None
+    if not values:
+        raise ConfigError(f"{option}: empty list")
+    return values
+
+
+def _parse_thresholds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(sorted(set(check_thresholds(_split_list(text, "--thresholds", float)))))
+    except ValueError as exc:
+        raise ConfigError(f"--thresholds: {exc}") from None
+
+
+def _select_layers(text: str | None, count: int) -> list[int]:
+    if text is None:
+        return list(range(count))
+    chosen = set()
+    for index in _split_list(text, "--layers", int):
+        if not -count <= index < count:
+            raise ConfigError(f"--layers: {index} is out of range for {count} layers (0..{count - 1} or negative)")
+        chosen.add(index % count)
+    return sorted(chosen)
+
+
+def _check_counts(o: DiagnoseOptions) -> None:
+    for name, value, low in (("--images-per-class", o.images_per_class, 1), ("--permutations", o.permutations, 0),
+                             ("--pairs", o.pairs, 0), ("--batch-size", o.batch_size, 1)):
+        if value < low:
+            raise ConfigError(f"{name}: must be >= {low}, got {value}")
+
+
+def _resolve_device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"--device: {text!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {text} requested but no CUDA device is available")
+    return device
+
+
+def _sources(o: DiagnoseOptions) -> list[str]:
+    given = {"--model": o.model, "--checkpoint": o.checkpoint, "--run": o.run, "--features": o.features}
+    names = [name for name, value in given.items() if value is not None]
+    # --model next to --features only names the features (issue 3: `--model cait_s24_224 --features ...`).
+    if names == ["--model", "--features"] and not o.pretrained and not o.model_args:
+        names = ["--features"]
+    if len(names) != 1:
+        raise ConfigError(f"give exactly one of --model, --checkpoint, --run, --features (got "
+                          f"{', '.join(names) if names else 'none'})")
+    return names
+
+
+def _model_args(items: list[str]) -> dict:
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--model-arg: {item!r} is not KEY=VALUE")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    return kwargs
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__
+
+
+def _timm_model(o: DiagnoseOptions):
+    import timm
+
+    if not timm.is_model(o.model):
+        close = timm.list_models(f"*{o.model}*")[:5]
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise ConfigError(f"--model: unknown timm model {o.model!r}{hint}")
+    torch.manual_seed(o.seed)  # a random-init model is then the same on every run
+    try:
+        model = timm.create_model(o.model, pretrained=o.pretrained, **_model_args(o.model_args))
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - bad overrides, no weights offline, ...: one line
+        raise ConfigError(f"--model {o.model}: cannot be created: {_first_line(exc)}") from None
+    return model, feats.timm_input_spec(model), o.model
+
+
+def _encmm_model(path: Path, where: str):
+    from trainables.teacher import load_checkpoint_file, model_from_checkpoint
+
+    try:
+        ckpt = load_checkpoint_file(path)
+        model, spec = model_from_checkpoint(ckpt)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{where}: not an encmm checkpoint: {_first_line(exc)}") from None
+    size = int(spec["img_size"])
+    crop_pct = float(((ckpt.get("config") or {}).get("data") or {}).get("crop_pct", 0.875))
+    input_spec = feats.InputSpec(size=(size, size), mean=tuple(spec["mean"]), std=tuple(spec["std"]),
+                                 crop_pct=crop_pct)
+    student = spec["student"]
+    return model, input_spec, f"{student['model']}+{student['remedy']}"
+
+
+def _run_model(run_id: str, uri: str):
+    with tempfile.TemporaryDirectory(prefix="encmm-diagnose-") as folder:
+        local = tracking.fetch_best_checkpoint(uri, run_id, folder, "--run")
+        return _encmm_model(local, f"--run {run_id}")
+
+
+def _image_source(o: DiagnoseOptions, spec: feats.InputSpec) -> tuple[str, int, Callable[[], Iterable]]:
+    """(data label, number of images, a factory of normalised `[B, 3, H, W]` batches)."""
+    data, k, batch = o.data or "digits", o.images_per_class, o.batch_size
+    if data == "digits":
+        from trainables.data import DIGITS_MEAN, DIGITS_STD, load_digits_tensors
+
+        # At their native 8x8 (an exact copy), then resized: equal to load_digits_tensors(size)[chosen]
+        # without holding all 1,797 images at the model's size.
+        images, labels = load_digits_tensors(8)
+        chosen = feats.first_per_class(labels.tolist(), k)
+        images = feats.resize_images(images[chosen], spec.size)
+        images = feats.renormalise(images, DIGITS_MEAN, DIGITS_STD, spec.mean, spec.std)
+        return "digits", len(chosen), lambda: feats.tensor_batches(images, batch)
+    path = Path(data)
+    if path.is_dir():
+        try:
+            files = feats.image_folder_files(path, k)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"--data: {exc}") from None
+        transform = feats.eval_transform(spec)
+        return str(path.resolve()), len(files), lambda: feats.file_batches(files, transform, batch)
+    if not data.startswith(DATASET_PREFIXES):
+        raise ConfigError(f"--data: {data!r} is neither 'digits', an ImageFolder folder, nor a timm dataset "
+                          f"name ({', '.join(p + '...' for p in DATASET_PREFIXES)})")
+    return _timm_dataset(data, o, spec)
+
+
+def _timm_dataset(name: str, o: DiagnoseOptions, spec: feats.InputSpec):
+    from timm.data import create_dataset
+
+    root = str(Path(o.data_root or "data").resolve())
+    try:
+        dataset = create_dataset(name, root=root, split="validation", download=False,
+                                 transform=feats.eval_transform(spec))
+        labels = getattr(dataset, "targets", None)
+        if labels is None:
+            labels = [target for _, target in dataset.reader.samples]
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"--data {name}: cannot be read from {root}: {_first_line(exc)}") from None
+    chosen = feats.first_per_class(list(labels), o.images_per_class)
+    if not chosen:
+        raise ConfigError(f"--data {name}: no images in {root}")
+    return name, len(chosen), lambda: feats.dataset_batches(dataset, chosen, o.batch_size)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:80] or "model"
+
+
+def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
+    """Validate every input; create nothing. Raises ConfigError (one line) or TrackingError."""
+    from analysis.saved_features import load_saved_features
+
+    source = _sources(o)[0]
+    thresholds = _parse_thresholds(o.thresholds)
+    _check_counts(o)
+    device = _resolve_device(o.device)
+    if source != "--features" and o.data is None:
+        o.data = "digits"
+    if source == "--features" and (o.data or o.data_root):
+        raise ConfigError("--data / --data-root do not apply to --features (the features are already computed)")
+    if source != "--model" and (o.pretrained or o.model_args):
+        raise ConfigError("--pretrained / --model-arg apply to --model only")
+    out = Path(o.out) if o.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a folder")
+    uri = tracking.resolve_tracking_uri(o.tracking_uri)
+    tracking.check_tracking(uri)
+
+    params = {"source": source.removeprefix("--"), "thresholds": ",".join(threshold_key(p) for p in thresholds),
+              "images_per_class": o.images_per_class, "center": o.center, "permutations": o.permutations,
+              "pairs": o.pairs, "seed": o.seed}
+    plan_kwargs: dict = {}
+    if source == "--features":
+        try:
+            layers = load_saved_features(o.features)
+        except ValueError as exc:
+            raise ConfigError(f"--features: {exc}") from None
+        indices = _select_layers(o.layers, len(layers))
+        label, data_label = o.model or f"features:{Path(o.features).name}", "features"
+        num_images = int(layers[0].shape[0])
+        plan_kwargs["features"] = [layers[i] for i in indices]
+        params["features"] = str(Path(o.features).resolve())
+    else:
+        if source == "--model":
+            model, spec, label = _timm_model(o)
+        elif source == "--checkpoint":
+            if not Path(o.checkpoint).is_file():
+                raise ConfigError(f"--checkpoint: {o.checkpoint}: no such file")
+            model, spec, label = _encmm_model(Path(o.checkpoint), f"--checkpoint {o.checkpoint}")
+            params["checkpoint"] = str(Path(o.checkpoint).resolve())
+        else:
+            model, spec, label = _run_model(o.run, uri)
+            params["run_id"] = o.run
+        try:
+            shapes = feats.probe_layers(model, spec.size)
+        except ValueError as exc:
+            raise ConfigError(f"{source} {label}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the model cannot even run one blank image
+            raise ConfigError(f"{source} {label}: forward_intermediates failed: {_first_line(exc)}") from None
+        indices = _select_layers(o.layers, len(shapes))
+        data_label, num_images, batches = _image_source(o, spec)
+        plan_kwargs.update(model=model, batches=batches)
+        params.update(input_size=f"{spec.size[0]}x{spec.size[1]}", pretrained=o.pretrained,
+                      model_args=",".join(o.model_args) or None)
+    params.update(model=label, data=data_label, images=num_images, layers=",".join(map(str, indices)))
+    if out is None:
+        out = Path.cwd() / "diagnostics" / f"{_safe(label)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return DiagnosePlan(label=label, thresholds=thresholds, layer_indices=indices, num_images=num_images,
+                        out=out.resolve(), uri=uri, experiment=o.experiment, params=params, options=o,
+                        device=device, **plan_kwargs)
+
+
+# ------------------------------------------------------------------------------------ outputs
+def build_report(plan: DiagnosePlan, results: list[dict]) -> dict:
+    """diagnostics.json (README, "encmm diagnose"): model, num_images, thresholds, layers[...]."""
+    layers = []
+    for index, result in zip(plan.layer_indices, results):
+        sep = {"bandwidth": result["sep"]["bandwidth"]}
+        if "permutation" in result["sep"]:
+            sep["permutation"] = result["sep"]["permutation"]
+        layers.append({"index": index, "tokens": result["tokens"], "channels": result["channels"],
+                       "svd_rank": result["svd_rank"], "pca_rank": result["pca_rank"], "sep": sep,
+                       "rotation": result["rotation"]})
+    return {"model": plan.label, "num_images": plan.num_images, "thresholds": list(plan.thresholds),
+            "layers": layers}
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def write_tables(out: Path, report: dict, results: list[dict], last_arrays: dict) -> list[Path]:
+    """ranks.csv, sep.csv, rotation.csv, curves (sep_curves.csv, pca_curves.csv) and last-layer per-image ranks."""
+    rank_rows, sep_rows, rotation_rows, sep_curve_rows, pca_rows = [], [], [], [], []
+    for layer, result in zip(report["layers"], results):
+        i = layer["index"]
+        for kind in ("svd_rank", "pca_rank"):
+            for p, stats in layer[kind].items():
+                rank_rows.append([i, layer["tokens"], layer["channels"], kind.removesuffix("_rank"), p,
+                                  *(stats[s] for s in RANK_STATS)])
+        permutation = layer["sep"].get("permutation", {}).get("bandwidth", {})
+        for t, band in layer["sep"]["bandwidth"].items():
+            perm = permutation.get(t, {})
+            sep_rows.append([i, layer["channels"], t, band["d"], band["ratio"], perm.get("mean"),
+                             perm.get("ci_low"), perm.get("ci_high")])
+        for reference, by_p in layer["rotation"].items():
+            for p, stats in by_p.items():
+                rotation_rows.append([i, reference, p, stats["overlap_mean"], stats["overlap_median"],
+                                      stats["angle_mean_deg"]])
+        for j, (mean, std) in enumerate(zip(result["sep"]["mean"], result["sep"]["std"])):
+            sep_curve_rows.append([i, j, mean, std])
+        energy = result["energy_percentiles"]
+        for d, values in enumerate(zip(result["pca_spectrum"], energy["median"], energy["p10"], energy["p1"]), 1):
+            pca_rows.append([i, d, *values])
+    keys = [threshold_key(p) for p in report["thresholds"]]
+    per_image = [[n, *svd.tolist(), *pca.tolist()]
+                 for n, (svd, pca) in enumerate(zip(last_arrays["svd_rank"], last_arrays["pca_rank"]))]
+    return [
+        _write_csv(out / "ranks.csv", ["layer", "tokens", "channels", "basis", "threshold", *RANK_STATS], rank_rows),
+        _write_csv(out / "sep.csv", ["layer", "channels", "threshold", "d", "ratio", "perm_mean", "perm_ci_low",
+                                     "perm_ci_high"], sep_rows),
+        _write_csv(out / "rotation.csv", ["layer", "reference", "threshold", "overlap_mean", "overlap_median",
+                                          "angle_mean_deg"], rotation_rows),
+        _write_csv(out / "sep_curves.csv", ["layer", "j", "mean_percent", "std_percent"], sep_curve_rows),
+        _write_csv(out / "pca_curves.csv", ["layer", "d", "global_cumulative", "captured_median",
+                                            "captured_p10", "captured_p1"], pca_rows),
+        _write_csv(out / "last_layer_images.csv", ["image", *(f"svd_{k}" for k in keys), *(f"pca_{k}" for k in keys)],
+                   per_image),
+    ]
+
+
+def layer_metrics(layer: dict) -> dict[str, float]:
+    """MLflow metrics of one layer (logged with step = layer index): `diag/svd_rank_p99/0.99`, ..."""
+    metrics = {}
+    for kind in ("svd_rank", "pca_rank"):
+        for p, stats in layer[kind].items():
+            metrics.update({f"diag/{kind}_{s}/{p}": stats[s] for s in METRIC_STATS})
+    for t, band in layer["sep"]["bandwidth"].items():
+        metrics[f"diag/sep_ratio/{t}"] = band["ratio"]
+    for reference, by_p in layer["rotation"].items():
+        for p, stats in by_p.items():
+            metrics[f"diag/overlap_{reference}/{p}"] = stats["overlap_mean"]
+            metrics[f"diag/angle_{reference}_deg/{p}"] = stats["angle_mean_deg"]
+    return metrics
+
+
+def format_summary(report: dict, out: Path, run_id: str) -> str:
+    """Last layer: SVD p99 vs PCA p99 per threshold, SEP d/D at 90%."""
+    last = report["layers"][-1]
+    lines = [f"{report['model']}, {report['num_images']} images, {len(report['layers'])} layers diagnosed; "
+             f"last layer {last['index']} ({last['tokens']} tokens x {last['channels']} channels):",
+             f"{'energy':>8}  {'SVD p99':>8}  {'PCA p99':>8}"]
+    for p in report["thresholds"]:
+        key = threshold_key(p)
+        lines.append(f"{key:>8}  {last['svd_rank'][key]['p99']:>8.1f}  {last['pca_rank'][key]['p99']:>8.1f}")
+    band = last["sep"]["bandwidth"]["0.9"]
+    lines.append(f"SEP d/D at 90%: {band['ratio']:.3f} (d = {band['d']} of {last['channels']})")
+    lines.append(f"-> {out / 'diagnostics.json'} (MLflow run {run_id})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- run
+def _extract(plan: DiagnosePlan) -> list[torch.Tensor]:
+    from tqdm import tqdm
+
+    with tqdm(total=plan.num_images, desc="features", unit="img", file=sys.stderr) as bar:
+        return feats.collect_features(plan.model, plan.batches(), layers=plan.layer_indices, device=plan.device,
+                                      progress=bar.update)
+
+
+def _gpu_share(plan: DiagnosePlan) -> float:
+    import ray
+
+    if plan.device.type != "cuda" or ray.cluster_resources().get("GPU", 0) < 1:
+        return 0.0
+    return 0.25  # up to four layers per GPU at once
+
+
+def run_diagnose(plan: DiagnosePlan, *, address: str | None = None) -> dict:
+    """Extract, fan out, write, log. Returns {"run_id", "out", "report", "summary"}; the run ends FAILED
+    (KILLED on Ctrl-C) with the error in the ``encmm.error`` tag if anything raises."""
+    from tqdm import tqdm
+
+    from analysis import plots
+    from analysis.ray_tasks import diagnose_layers
+    from orchestrator.ray_cluster import init_ray
+
+    init_ray(address)
+    run_name = f"diagnose-{_safe(plan.label)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {"encmm.kind": "diagnose", "encmm.out": str(plan.out)}
+    if plan.options.run:
+        tags["encmm.source_run_id"] = plan.options.run
+    run_id = tracking.start_run(plan.uri, plan.experiment, run_name, params=plan.params, tags=tags)
+    try:
+        layers = plan.features if plan.features is not None else _extract(plan)
+        o = plan.options
+        with tqdm(total=len(layers), desc="layers", unit="layer", file=sys.stderr) as bar:
+            outcome = diagnose_layers(layers, thresholds=plan.thresholds, center=o.center,
+                                      permutations=o.permutations, num_pairs=o.pairs, seed=o.seed,
+                                      arrays_for=[len(layers) - 1], num_gpus=_gpu_share(plan),
+                                      on_done=lambda _: bar.update(1))
+        results = [result for result, _ in outcome]
+        last_arrays = outcome[-1][1]
+        report = build_report(plan, results)
+        plan.out.mkdir(parents=True, exist_ok=True)
+        report_path = plan.out / "diagnostics.json"
+        report_path.write_text(json.dumps(report, indent=1))
+        tables = write_tables(plan.out, report, results, last_arrays)
+        curves = [{"index": i, **r} for i, r in zip(plan.layer_indices, results)]
+        figures = plots.write_figures(curves, last_arrays, plan.thresholds, plan.out / "figures")
+        for layer in report["layers"]:
+            tracking.log_metrics(plan.uri, run_id, layer_metrics(layer), step=layer["index"])
+        for path in [report_path, *tables]:
+            tracking.log_artifact(plan.uri, run_id, path)
+        for path in figures:
+            tracking.log_artifact(plan.uri, run_id, path, "figures")
+        tracking.end_run(plan.uri, run_id, "FINISHED")
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        tracking.end_run(plan.uri, run_id, status, error="".join(traceback.format_exception_only(type(exc), exc)))
+        raise
+    return {"run_id": run_id, "out": plan.out, "report": report, "summary": format_summary(report, plan.out, run_id)}
+

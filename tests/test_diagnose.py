@@ -1,0 +1,321 @@
+"""``encmm diagnose`` end to end: saved features, timm models, encmm checkpoints and runs, bad input.
+
+Runs the real Typer app in-process on the session's local Ray cluster, with a real SQLite MLflow
+store in a temp folder. Feature collection for CaiT and Swin and the encmm students' distilled maps
+are checked without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from analysis import features as feats
+from analysis.spectra import diagnose_layer
+from orchestrator import tracking
+from orchestrator.cli import app
+from tests.conftest import TINY_DIGITS
+
+LAYER_KEYS = {"index", "tokens", "channels", "svd_rank", "pca_rank", "sep", "rotation"}
+STAT_KEYS = {"p99", "mean", "median", "std", "q25", "q75"}
+THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
+RANKS = [2, 3, 4, 4, 5, 3]  # rank of each image's matrix in the known-structure features
+
+
+def low_rank_features(seed: int = 0) -> np.ndarray:
+    """`[L=2, I=6, N=24, C=16]` float64: X_i = U_i V_i^T with r_i equal singular values in a random
+    r_i-dim channel subspace of its own, so d_p(X_i) = ceil(p * r_i); layer 1 = layer 0 rotated by an
+    orthogonal channel matrix (same per-image ranks)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for r in RANKS:
+        u = np.linalg.qr(rng.standard_normal((24, r)))[0]
+        v = np.linalg.qr(rng.standard_normal((16, r)))[0]
+        images.append(3.0 * u @ v.T)
+    layer0 = np.stack(images)
+    rotation = np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    return np.stack([layer0, layer0 @ rotation])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def diagnose(args: list[str], store: str, out: Path):
+    result = CliRunner().invoke(app, ["diagnose", *args, "--tracking-uri", store, "--out", str(out)])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return json.loads((out / "diagnostics.json").read_text()), result
+
+
+def assert_matches_direct_call(layer: dict, features: np.ndarray, **kwargs) -> None:
+    direct = diagnose_layer(torch.from_numpy(features), THRESHOLDS, **kwargs)
+    for key in ("tokens", "channels", "svd_rank", "pca_rank"):
+        assert layer[key] == direct[key], key  # integer ranks and their statistics: exact
+    assert layer["sep"]["bandwidth"] == direct["sep"]["bandwidth"]
+    permutation = direct["sep"].get("permutation")
+    assert ("permutation" in layer["sep"]) == (permutation is not None)
+    if permutation is not None:
+        assert layer["sep"]["permutation"]["num_permutations"] == permutation["num_permutations"]
+        for t, stats in permutation["bandwidth"].items():
+            assert layer["sep"]["permutation"]["bandwidth"][t] == pytest.approx(stats)
+    for reference in ("to_shared", "pairwise"):
+        for p, stats in direct["rotation"][reference].items():
+            assert layer["rotation"][reference][p] == pytest.approx(stats, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.ray
+def test_saved_array_report_equals_direct_math_and_is_logged_to_mlflow(ray_cluster, store, tmp_path):
+    features = low_rank_features()
+    np.save(tmp_path / "features.npy", features)
+    out = tmp_path / "out"
+    report, result = diagnose(["--features", str(tmp_path / "features.npy"), "--model", "my_vit",
+                               "--permutations", "3", "--pairs", "20"], store, out)
+
+    assert set(report) == {"model", "num_images", "thresholds", "layers"}
+    assert report["model"] == "my_vit" and report["num_images"] == 6 and report["thresholds"] == list(THRESHOLDS)
+    assert [layer["index"] for layer in report["layers"]] == [0, 1]
+    for layer, array in zip(report["layers"], features):
+        assert set(layer) == LAYER_KEYS
+        assert set(layer["svd_rank"]) == {"0.8", "0.9", "0.95", "0.99"}
+        assert set(layer["svd_rank"]["0.99"]) == STAT_KEYS
+        assert set(layer["sep"]["bandwidth"]) == {"0.5", "0.6", "0.7", "0.8", "0.9"}
+        assert_matches_direct_call(layer, array, permutations=3, num_pairs=20)
+        # Known answers: d_p = ceil(p r_i) per image; images in different subspaces need more shared dims.
+        for p in THRESHOLDS:
+            expected = np.ceil(np.array(RANKS) * p - 1e-9)
+            assert layer["svd_rank"][str(p)]["mean"] == pytest.approx(expected.mean())
+            assert layer["svd_rank"][str(p)]["p99"] == pytest.approx(np.percentile(expected, 99))
+        assert layer["pca_rank"]["0.99"]["mean"] > layer["svd_rank"]["0.99"]["mean"]
+    assert report["layers"][0]["svd_rank"] == report["layers"][1]["svd_rank"]  # rotation-invariant
+    assert "SVD p99" in result.stdout and "SEP d/D at 90%" in result.stdout
+
+    csvs = ["ranks.csv", "sep.csv", "rotation.csv", "sep_curves.csv", "pca_curves.csv", "last_layer_images.csv"]
+    pngs = ["rank_by_layer.png", "rank_histograms.png", "pca_energy.png", "sep_curves.png", "sep_permutation.png",
+            "rotation.png"]
+    assert all((out / name).stat().st_size > 0 for name in csvs)
+    assert all((out / "figures" / name).stat().st_size > 0 for name in pngs)
+    assert len((out / "ranks.csv").read_text().splitlines()) == 1 + 2 * 2 * len(THRESHOLDS)
+
+    run_id = result.stdout.rsplit("MLflow run ", 1)[1].strip(" )\n")
+    run = tracking.get_run(store, run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model"] == "my_vit" and run.data.params["thresholds"] == "0.8,0.9,0.95,0.99"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    history = client.get_metric_history(run_id, "diag/svd_rank_p99/0.99")
+    assert sorted((m.step, m.value) for m in history) == [
+        (i, report["layers"][i]["svd_rank"]["0.99"]["p99"]) for i in (0, 1)]
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "figures")}
+    assert {"diagnostics.json", *csvs, *(f"figures/{name}" for name in pngs)} <= artifacts
+
+
+@pytest.mark.ray
+def test_folder_of_per_image_arrays_is_read_in_file_order(ray_cluster, store, tmp_path):
+    features = low_rank_features(seed=1).astype(np.float32)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(features.shape[1]):
+        torch.save(torch.from_numpy(features[:, i].copy()), folder / f"img_{i:03d}.pt")  # [L, N, C] each
+    report, _ = diagnose(["--features", str(folder), "--layers", "-1", "--pairs", "10"], store, tmp_path / "out")
+    assert report["num_images"] == 6 and [layer["index"] for layer in report["layers"]] == [1]
+    assert_matches_direct_call(report["layers"][0], features[1], num_pairs=10)
+
+
+@pytest.mark.ray
+def test_random_init_timm_model_on_digits_runs_offline(ray_cluster, store, tmp_path):
+    report, result = diagnose(["--model", "test_vit", "--data", "digits", "--images-per-class", "2",
+                               "--layers", "0,-1", "--pairs", "10"], store, tmp_path / "out")
+    assert report["model"] == "test_vit" and report["num_images"] == 20
+    assert [(layer["index"], layer["tokens"], layer["channels"]) for layer in report["layers"]] == [
+        (0, 100, 64), (5, 100, 64)]  # 160 px / patch 16 -> 10 x 10 patch tokens, CLS removed
+    svd = report["layers"][-1]["svd_rank"]["0.99"]
+    assert 1 <= svd["p99"] <= 64 and svd["q25"] <= svd["median"] <= svd["q75"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny plain teacher (width 32) and a Lift student (lifted to 48), one epoch each."""
+    from trainables.config import load_train_config
+    from trainables.engine import fit
+
+    paths = {}
+    for name, extra in (("plain", []), ("lift", ["student.remedy=lift", "student.target_width=48"])):
+        folder = tmp_path_factory.mktemp(name)
+        cfg = load_train_config(None, [*TINY_DIGITS, "schedule.epochs=1", "schedule.warmup_epochs=0", *extra])
+        fit(cfg, checkpoint_dir=folder)
+        paths[name] = folder / "best.pt"
+    return paths
+
+
+@pytest.mark.ray
+def test_lift_checkpoint_reports_the_lifted_map_as_its_last_layer(ray_cluster, store, tmp_path, trained):
+    report, _ = diagnose(["--checkpoint", str(trained["lift"]), "--pairs", "10"], store, tmp_path / "out")
+    assert report["model"] == "deit_tiny_patch16_224+lift" and report["num_images"] == 10
+    assert [(layer["tokens"], layer["channels"]) for layer in report["layers"]] == [(16, 32), (16, 48)]
+
+
+@pytest.mark.ray
+def test_teacher_run_is_diagnosed_from_its_mlflow_checkpoint(ray_cluster, store, tmp_path, trained):
+    run_id = tracking.start_run(store, "encmm", "teacher", tags={"encmm.kind": "train"})
+    tracking.log_artifact(store, run_id, trained["plain"], "checkpoints")
+    tracking.end_run(store, run_id, "FINISHED")
+    report, result = diagnose(["--run", run_id, "--data", "digits", "--pairs", "10"], store, tmp_path / "out")
+    assert report["model"] == "deit_tiny_patch16_224+none"
+    assert [(layer["index"], layer["tokens"], layer["channels"]) for layer in report["layers"]] == [
+        (0, 16, 32), (1, 16, 32)]
+    diag_run = result.stdout.rsplit("MLflow run ", 1)[1].strip(" )\n")
+    assert tracking.get_run(store, diag_run).data.tags["encmm.source_run_id"] == run_id
+
+
+@pytest.mark.ray
+def test_crash_after_start_ends_the_run_failed(ray_cluster, store, tmp_path, monkeypatch):
+    from analysis import plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(plots, "write_figures", broken)
+    np.save(tmp_path / "f.npy", low_rank_features())
+    result = CliRunner().invoke(app, ["diagnose", "--features", str(tmp_path / "f.npy"), "--pairs", "5",
+                                      "--tracking-uri", store, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "disk full" in result.stderr
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient(store).search_runs([tracking.ensure_experiment(store, "encmm")],
+                                           filter_string=f"tags.`encmm.out` = '{tmp_path / 'out'}'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "disk full" in runs[0].data.tags["encmm.error"]
+
+
+# ----------------------------------------------------------------------------- feature collection
+def test_lift_and_widelast_last_layers_are_their_distilled_maps():
+    from trainables.config import StudentConfig
+    from trainables.models import build_student
+
+    x = torch.randn(3, 3, 16, 16)
+    for remedy, layers in (("none", 3), ("lift", 3), ("widelast", 3)):
+        cfg = StudentConfig(width=32, depth=3, head_dim=16, patch_size=4, remedy=remedy, target_width=48,
+                            wide_blocks=1)
+        model = build_student(cfg, num_classes=10, img_size=16).eval()
+        collected = feats.collect_features(model, [x[:2], x[2:]])
+        assert len(collected) == layers and feats.probe_layers(model, (16, 16))[-1] == tuple(collected[-1].shape[1:])
+        with torch.no_grad():
+            distilled = model.forward_distill(x)[1]
+        torch.testing.assert_close(collected[-1], distilled)
+        assert collected[-1].shape == (3, 16, 32 if remedy == "none" else 48)
+
+
+def test_cait_gives_its_self_attention_blocks_and_swin_its_stages():
+    import timm
+
+    cait = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3,
+                             num_heads=2)
+    assert feats.probe_layers(cait, (32, 32)) == [(16, 32)] * 3  # 3 SA blocks; the 2 class-attention blocks excluded
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2,
+                             window_size=4, embed_dim=16, depths=(1, 1, 1), num_heads=(1, 2, 4))
+    layers = feats.collect_features(swin, [torch.randn(2, 3, 32, 32)], layers=[0, 2])
+    assert [tuple(f.shape) for f in layers] == [(2, 256, 16), (2, 16, 64)]  # NHWC stages -> [B, H*W, C]
+
+
+def test_digits_selection_takes_the_first_images_of_each_class_at_the_model_size():
+    from trainables.data import load_digits_tensors
+
+    images, labels = load_digits_tensors(8)
+    chosen = feats.first_per_class(labels.tolist(), 2)
+    assert len(chosen) == 20 and [int(labels[i]) for i in chosen] == [c for c in range(10) for _ in range(2)]
+    assert chosen[:2] == [i for i in range(len(labels)) if labels[i] == 0][:2]
+    torch.testing.assert_close(feats.resize_images(images[chosen], (24, 24)), load_digits_tensors(24)[0][chosen])
+
+
+def test_image_folder_takes_the_first_sorted_files_per_class(tmp_path):
+    from PIL import Image
+
+    for cls in ("b", "a"):
+        (tmp_path / cls).mkdir()
+        for name in ("z.png", "m.jpg", "c.png", "notes.txt"):
+            if name.endswith("txt"):
+                (tmp_path / cls / name).write_text("x")
+            else:
+                Image.new("RGB", (20, 20)).save(tmp_path / cls / name)
+    files = feats.image_folder_files(tmp_path, 2)
+    assert [f"{f.parent.name}/{f.name}" for f in files] == ["a/c.png", "a/m.jpg", "b/c.png", "b/m.jpg"]
+    spec = feats.InputSpec(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)
+    batches = list(feats.file_batches(files, feats.eval_transform(spec), 3))
+    assert [tuple(b.shape) for b in batches] == [(3, 3, 16, 16), (1, 3, 16, 16)]
+
+
+# ---------------------------------------------------------------------------------- bad input
+def _write(folder: Path, kind: str) -> None:
+    rng = np.random.default_rng(0)
+    if kind == "good":
+        np.save(folder / "f.npy", rng.standard_normal((2, 3, 4, 5)))
+    elif kind == "rank3":
+        np.save(folder / "f.npy", rng.standard_normal((3, 4, 5)))
+    elif kind == "nan":
+        array = rng.standard_normal((2, 3, 4, 5))
+        array[1, 2, 0, 0] = np.nan
+        np.save(folder / "f.npy", array)
+    elif kind == "empty":
+        (folder / "d").mkdir()
+    elif kind == "ragged":
+        (folder / "d").mkdir()
+        np.save(folder / "d" / "a.npy", rng.standard_normal((2, 4, 5)))
+        np.save(folder / "d" / "b.npy", rng.standard_normal((2, 4, 6)))
+
+
+BAD = [
+    ("wrong-rank", "rank3", ["--features", "f.npy"], "4-D"),
+    ("nan", "nan", ["--features", "f.npy"], "NaN"),
+    ("threshold-1.5", "good", ["--features", "f.npy", "--thresholds", "0.5,1.5"], "(0, 1)"),
+    ("threshold-text", "good", ["--features", "f.npy", "--thresholds", "high"], "--thresholds"),
+    ("empty-folder", "empty", ["--features", "d"], "empty folder"),
+    ("ragged-folder", "ragged", ["--features", "d"], "differs"),
+    ("layer-out-of-range", "good", ["--features", "f.npy", "--layers", "2"], "--layers"),
+    ("missing-features", None, ["--features", "nope.npy"], "no such file"),
+    ("missing-checkpoint", None, ["--checkpoint", "nope.pt"], "no such file"),
+    ("unknown-model", None, ["--model", "no_such_vit_at_all"], "unknown timm model"),
+    ("model-without-blocks", None, ["--model", "vit_tiny_patch16_224", "--model-arg", "depth=0",
+                                    "--model-arg", "img_size=32"], "no blocks"),
+    ("missing-data-folder", None, ["--model", "test_vit", "--data", "no/such/folder"], "--data"),
+    ("empty-image-folder", "empty", ["--model", "test_vit", "--data", "d"], "no class folders"),
+    ("two-sources", "good", ["--features", "f.npy", "--checkpoint", "x.pt"], "exactly one"),
+    ("model-and-run", None, ["--model", "test_vit", "--run", "abc"], "exactly one"),
+    ("no-source", None, [], "exactly one"),
+    ("unknown-run", None, ["--run", "0123abcd"], "no MLflow run"),
+    ("negative-pairs", "good", ["--features", "f.npy", "--pairs", "-1"], "--pairs"),
+]
+
+
+@pytest.mark.parametrize("files,args,expect", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_bad_input_exits_2_with_one_line_and_creates_nothing(tmp_path, monkeypatch, files, args, expect):
+    monkeypatch.chdir(tmp_path)
+    if files:
+        _write(tmp_path, files)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(app, ["diagnose", *args, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("encmm: error:") and expect in lines[0], lines
+    assert "Traceback" not in result.stdout + result.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no store, no output folder
+
+
+def test_feature_collection_plots_and_saved_features_import_without_ray_or_mlflow():
+    import subprocess
+    import sys
+
+    code = ('import sys; sys.modules["ray"] = None; sys.modules["mlflow"] = None\n'
+            'import analysis.features, analysis.saved_features, analysis.plots, analysis.spectra; print("ok")')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    speaking_ray = [p.name for p in Path(feats.__file__).parent.glob("*.py")
+                    if "import ray" in p.read_text() or "from ray" in p.read_text()]
+    assert speaking_ray == ["ray_tasks.py"]
