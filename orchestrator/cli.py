@@ -142,6 +142,43 @@ def diagnose(
     typer.echo(result["summary"])
 
 
+@app.command()
+def report(sweep: Annotated[str, typer.Argument(help="sweep name (tag encmm.sweep_name) or its parent run id")],
+           out: Annotated[Optional[str], typer.Option("--out", help="output folder (default ./reports/<sweep name>)")] = None,
+           tracking_uri: TrackingOption = None) -> None:
+    """Paper-style table (Markdown + CSV) and plots of a sweep, read from MLflow and logged to its parent run."""
+    from orchestrator.report_command import run_report
+    from orchestrator.tracking import TrackingError
+    from trainables.config import ConfigError
+
+    try:
+        result = run_report(sweep, out, tracking_uri)
+    except (ConfigError, TrackingError) as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        fail(f"report failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+    typer.echo(result.text)
+    typer.echo(f"wrote {len(result.files)} files to {result.out} (also on the parent run under report/)")
+
+
+@app.command()
+def ui(host: Annotated[str, typer.Option("--host", help="address to bind (keep 127.0.0.1 unless you mean it)")] = "127.0.0.1",
+       port: Annotated[int, typer.Option("--port", help="port of the UI")] = 5000,
+       tracking_uri: TrackingOption = None,
+       sweep: Annotated[Optional[str], typer.Option("--sweep", help="print the URL of this sweep's experiment")] = None) -> None:
+    """The MLflow UI on the store encmm uses; prints the experiment URL, stops on Ctrl-C."""
+    from orchestrator.tracking import TrackingError
+    from orchestrator.ui_command import run_ui
+    from trainables.config import ConfigError
+
+    try:
+        code = run_ui(host, port, tracking_uri, sweep, echo=lambda line: typer.echo(line))
+    except (ConfigError, TrackingError) as exc:
+        fail(str(exc))
+    if code:
+        fail(f"mlflow server exited with code {code}", 1)
+
+
 def main() -> None:
     app(prog_name="encmm")
 

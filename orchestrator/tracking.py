@@ -224,3 +224,67 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
 def set_status(uri: str, run_id: str, status: str) -> None:
     """Re-open (RUNNING) a run that is resumed; use :func:`end_run` to close one."""
     _client(uri).update_run(run_id, status=status)
+
+
+# ------------------------------------------------------------------ reading a sweep back (encmm report / ui)
+def find_sweep_run(uri: str, name_or_id: str):
+    """The parent run of a sweep, by its name (tag ``encmm.sweep_name``) or its run id.
+
+    Searches every experiment of the store; raises :class:`TrackingError` (one line) when none matches.
+    """
+    if not store_exists(uri):
+        raise TrackingError(f"no sweep {name_or_id!r}: the MLflow store {uri} does not exist")
+    client = _client(uri)
+    if re.fullmatch(r"[0-9a-f]{32}", name_or_id):
+        try:
+            run = client.get_run(name_or_id)
+        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing run
+            run = None
+        if run is not None:
+            if run.data.tags.get("encmm.kind") != "sweep":
+                raise TrackingError(f"run {name_or_id} is not an encmm sweep (tag encmm.kind is "
+                                    f"{run.data.tags.get('encmm.kind')!r})")
+            return run
+    experiment_ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+    safe = name_or_id.replace("'", "")
+    runs = client.search_runs(experiment_ids, filter_string=f"tags.`encmm.kind` = 'sweep' and "
+                              f"tags.`encmm.sweep_name` = '{safe}'", order_by=["attributes.start_time DESC"],
+                              max_results=10) if experiment_ids else []
+    if not runs:
+        raise TrackingError(f"no sweep named {name_or_id!r} (and no sweep run with that id) in {uri}")
+    return runs[0]
+
+
+def list_child_runs(uri: str, parent_run_id: str) -> list:
+    """Every run whose ``mlflow.parentRunId`` is ``parent_run_id`` (any status), oldest first."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=5000)
+
+
+def experiment_name(uri: str, experiment_id: str) -> str:
+    return _client(uri).get_experiment(experiment_id).name
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``[(step, value), ...]`` of one metric of a run, by step (the last value logged per step)."""
+    by_step = {}
+    for metric in sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: m.timestamp):
+        by_step[metric.step] = metric.value
+    return sorted(by_step.items())
+
+
+def log_artifacts(uri: str, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
+    """Every file of ``folder`` onto a run (under ``artifact_path``)."""
+    _client(uri).log_artifacts(run_id, str(folder), artifact_path)
+
+
+def list_artifact_paths(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    return [a.path for a in _client(uri).list_artifacts(run_id, path)]
+
+
+def experiment_id(uri: str, name: str) -> str | None:
+    experiment = _client(uri).get_experiment_by_name(name)
+    return None if experiment is None else experiment.experiment_id
