@@ -69,11 +69,16 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
     logger = tracking.RunLogger(uri, run_id)
     storage = Path(plan["sweep_dir"]) / "trials"
     try:
+        # Local mode runs the Train loop in this process: it reports to Tune itself (building a
+        # TuneReportCallback would start a queue actor for nothing).
+        local = cfg.resources.runs_local
         trainer = build_trainer(cfg, run_name=trial_id, storage_path=str(storage), log=logger,
                                 teacher_checkpoint=plan.get("teacher_checkpoint"),
-                                callbacks=[TuneReportCallback()])
+                                callbacks=None if local else [TuneReportCallback()],
+                                report_fn=tune.report if local else None)
         result = trainer.fit()
-        final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        reported = result.metrics or result.return_value or {}  # local mode: the loop's return value
+        final = {k: v for k, v in reported.items() if isinstance(v, (int, float))}
         epoch = int(final.get("epoch", 0))
         best = storage / trial_id / BEST_FILE
         summary = {f"final/{k}": v for k, v in final.items() if k.startswith(("val/", "train/", "best/"))}
@@ -141,12 +146,24 @@ class SweepProgress(tune.Callback):
         self._print()
 
 
+def trial_driver_resources(plan: dict, config: dict[str, Any]) -> tune.PlacementGroupFactory:
+    """What a trial's driver actor holds: ``trial_driver_cpus``, plus the worker's share when the
+    trial trains in Train local mode (the loop runs in the driver; no worker actor asks for it)."""
+    resources = trial_train_config(plan, config, "resources").resources
+    bundle = {"CPU": plan["trial_driver_cpus"]}
+    if resources.runs_local:
+        bundle["CPU"] += resources.cpus_per_worker
+        if resources.gpus_per_worker:
+            bundle["GPU"] = resources.gpus_per_worker
+    return tune.PlacementGroupFactory([bundle])
+
+
 def build_tuner(plan: dict, *, restore: bool = False) -> tune.Tuner:
     """The Tuner for ``plan`` (a fresh sweep, or ``Tuner.restore`` of an interrupted one)."""
     from ray.tune.schedulers import ASHAScheduler
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan),
-                                    {"CPU": plan["trial_driver_cpus"]})
+                                    lambda config: trial_driver_resources(plan, config))
     if restore:
         return tune.Tuner.restore(plan["sweep_dir"], trainable=trainable, resume_errored=True)
     scheduler = None

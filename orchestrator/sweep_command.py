@@ -46,7 +46,9 @@ def teacher_hash(cfg: TrainConfig) -> str:
 def trial_resources(trials: list[TrainConfig], driver_cpus: float) -> dict:
     cpus = max(t.resources.workers * t.resources.cpus_per_worker for t in trials) + driver_cpus
     gpus = max(t.resources.workers * t.resources.gpus_per_worker for t in trials)
-    return {"CPU": cpus, "GPU": gpus, "workers": max(t.resources.workers for t in trials)}
+    # In Train local mode the worker's share is held by the trial driver itself: the total is the same.
+    return {"CPU": cpus, "GPU": gpus, "workers": max(t.resources.workers for t in trials),
+            "local": all(t.resources.runs_local for t in trials)}
 
 
 def concurrent_trials(per_trial: dict, cluster: dict, setting: int | None) -> int:
@@ -106,8 +108,9 @@ def format_plan(setup: SweepSetup, cluster: dict, where: str) -> str:
                 index += 1
     per = setup.per_trial
     at_once = concurrent_trials(per, cluster, cfg.max_concurrent_trials)
+    where_worker = ", Train local mode: the worker runs inside the driver" if per.get("local") else ""
     lines.append(f"resources per trial: {per['workers']} Train worker(s), {per['CPU']:g} CPU, {per['GPU']:g} GPU "
-                 f"(trial driver {cfg.trial_driver_cpus:g} CPU)")
+                 f"(trial driver {cfg.trial_driver_cpus:g} CPU{where_worker})")
     lines.append(f"cluster ({where}): {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU -> "
                  f"{at_once} trial(s) at once" + ("" if at_once else "  [does not fit: needs a bigger cluster]"))
     epochs = max(t.schedule.epochs for t in setup.trials)

@@ -51,6 +51,8 @@ def run_train(cfg: TrainConfig, uri: str, *, teacher_checkpoint: str | None = No
     """Run one validated config on Ray Train; returns the final metrics. Ends the MLflow run in all cases."""
     from trainables.ray_worker import BEST_FILE, build_trainer
 
+    if cfg.resources.local_mode == "auto":  # a lone run has no Tune retry: keep Ray Train's worker restarts
+        cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"local_mode": "off"})})
     init_ray(address)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(cfg.tracking.output_dir)

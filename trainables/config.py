@@ -140,10 +140,28 @@ class ResourcesConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
     max_failures: int = Field(3, ge=0, description="worker failures tolerated (resume from last checkpoint)")
+    local_mode: Literal["auto", "on", "off"] = Field(
+        "auto", description="Ray Train local mode: the single worker runs inside the calling process (the Tune "
+                            "trial driver, or `encmm train` itself) instead of a worker actor, with no Train "
+                            "controller start-up; auto = on for 1 worker without GPUs in a sweep (Tune retries a "
+                            "failed trial from its last checkpoint); `encmm train` keeps a worker actor on auto, "
+                            "so a killed worker is restarted by Ray Train")
 
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
+
+    @property
+    def runs_local(self) -> bool:
+        if self.local_mode == "auto":
+            return self.workers == 1 and not self.use_gpu
+        return self.local_mode == "on"
+
+    @model_validator(mode="after")
+    def _check_local_mode(self) -> "ResourcesConfig":
+        if self.local_mode == "on" and self.workers != 1:
+            raise ValueError(f"resources.local_mode=on runs one worker in-process; resources.workers is {self.workers}")
+        return self
 
 
 class TrackingConfig(_Strict):

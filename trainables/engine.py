@@ -150,6 +150,8 @@ def setup_training(cfg: TrainConfig, *, device: torch.device, teacher_checkpoint
     distiller: nn.Module = wrap_model(core) if wrap_model else core
     if cfg.resources.compile == "on" or (cfg.resources.compile == "auto" and device.type == "cuda"):
         distiller = torch.compile(distiller)
+        if teacher is not None:
+            teacher.compile()  # in place (same module, same state dict): its forward is most of a KD step
     spec = {
         "student": cfg.student.model_dump(mode="json"), "num_classes": data.num_classes,
         "img_size": cfg.data.img_size, "target_width": target_width, "tap_block": cfg.kd.student_block,

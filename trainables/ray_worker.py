@@ -7,6 +7,14 @@ the caller (``encmm train`` or a Tune trial) calls ``fit()``.
 
 A Train run with the same ``(storage_path, name)`` resumes from its last checkpoint by itself.
 Rank 0 also writes ``best.pt`` into ``<storage>/<name>/`` (shared storage on a cluster).
+
+Local mode (``resources.local_mode``, auto for one CPU worker): ``ScalingConfig(num_workers=0)`` runs
+the loop inside the calling process (the Tune trial driver, or ``encmm train``) with no controller or
+worker actor to start. Ray Train then keeps reported checkpoints in memory only, never calls the
+RunConfig callbacks, and does not restart a failed worker, so the loop commits each epoch's checkpoint
+to ``<storage>/<name>/checkpoint.pt`` itself (a retried Tune trial resumes from it) and hands each
+epoch's metrics to ``report_fn`` (``ray.tune.report`` in a sweep, where ``TuneReportCallback`` would
+otherwise forward them).
 """
 from __future__ import annotations
 
@@ -22,8 +30,8 @@ import ray.train.torch
 import torch
 
 from trainables.config import TrainConfig
-from trainables.engine import TrainingState, checkpoint_state, restore_state, run_epochs, save_checkpoint, \
-    setup_training
+from trainables.engine import TrainingState, checkpoint_state, resolve_device, restore_state, run_epochs, \
+    save_checkpoint, setup_training
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
@@ -43,24 +51,46 @@ def _arm_fault(fault: dict | None, epoch: int, rank: int) -> None:
     timer.start()
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every DDP rank. ``config``: train (json dump), log (rank-0 callable), run_dir, ..."""
+def train_loop_per_worker(config: dict[str, Any]) -> dict:
+    """Runs on every DDP rank. ``config``: train (json dump), log (rank-0 callable), run_dir, local, ..."""
     cfg = TrainConfig.model_validate(config["train"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    device = ray.train.torch.get_device()
-    state = setup_training(cfg, device=device, teacher_checkpoint=config.get("teacher_checkpoint"),
-                           wrap_model=lambda module: ray.train.torch.prepare_model(module, move_to_device=device))
+    local = config.get("local", False)
+    run_dir = Path(config["run_dir"])
+    # Inside a Tune trial Ray's ``ray.train.*`` calls raise in local mode (Train V2 defers to ``ray.tune``
+    # there): a local loop is rank 0 and reports through ``report_fn`` when it has one.
+    rank = 0 if local else ray.train.get_context().get_world_rank()
+    if local:  # one process, no DDP: the engine's own device choice (Ray sets CUDA_VISIBLE_DEVICES if any)
+        state = setup_training(cfg, device=resolve_device(cfg.resources.gpus_per_worker),
+                               teacher_checkpoint=config.get("teacher_checkpoint"))
+    else:
+        device = ray.train.torch.get_device()
+        state = setup_training(cfg, device=device, teacher_checkpoint=config.get("teacher_checkpoint"),
+                               wrap_model=lambda module: ray.train.torch.prepare_model(module, move_to_device=device))
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if local:
+        resume_file = run_dir / CHECKPOINT_FILE
+        if resume_file.is_file():
+            start_epoch = restore_state(state, torch.load(resume_file, map_location="cpu", weights_only=True))
+            print(f"encmm: resuming {cfg.name} at epoch {start_epoch} from {resume_file}", flush=True)
+    elif (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as folder:
             ckpt = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         start_epoch = restore_state(state, ckpt)
         if rank == 0:
             print(f"encmm: resuming {cfg.name} at epoch {start_epoch} from {checkpoint.path}", flush=True)
-    run_dir = Path(config["run_dir"])
     log: Callable | None = config.get("log") if rank == 0 else None
+    report_fn: Callable | None = config.get("report_fn")
+
+    def report_local(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
+        ckpt = checkpoint_state(state, epoch, metrics)
+        save_checkpoint(ckpt, run_dir / CHECKPOINT_FILE)  # committed (atomic rename) before the next epoch
+        if is_best:
+            save_checkpoint(ckpt, run_dir / BEST_FILE)
+        if report_fn is not None:
+            report_fn(metrics)
+        else:
+            ray.train.report(metrics)  # the Result's metrics (encmm train)
+        _arm_fault(config.get("inject_failure"), epoch, rank)
 
     def report(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -77,30 +107,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         _arm_fault(config.get("inject_failure"), epoch, rank)
 
-    run_epochs(state, start_epoch, log=log, on_epoch_end=report)
+    return run_epochs(state, start_epoch, log=log, on_epoch_end=report_local if local else report)
 
 
 def build_trainer(cfg: TrainConfig, *, run_name: str, storage_path: str, log: Callable | None = None,
                   teacher_checkpoint: str | None = None, callbacks: list | None = None,
+                  report_fn: Callable[[dict], None] | None = None,
                   inject_failure: dict | None = None) -> ray.train.torch.TorchTrainer:
-    """A ``TorchTrainer`` for ``cfg`` whose checkpoints live in ``storage_path/run_name``."""
+    """A ``TorchTrainer`` for ``cfg`` whose checkpoints live in ``storage_path/run_name``.
+
+    ``callbacks`` (Train ``UserCallback``s) serve worker-actor runs; ``report_fn(metrics)`` is what a
+    local-mode run (``cfg.resources.runs_local``) calls after each epoch instead. The loop returns the
+    last epoch's metrics (``Result.return_value``; a local run given ``report_fn`` has no ``Result.metrics``).
+    """
     res = cfg.resources
+    local = res.runs_local
     per_worker = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
     loop_config = {
         "train": cfg.model_dump(mode="json"), "log": log, "teacher_checkpoint": teacher_checkpoint,
         "run_dir": str(Path(storage_path) / run_name), "inject_failure": inject_failure,
+        "local": local, "report_fn": report_fn if local else None,
     }
+    scaling = ray.train.ScalingConfig(num_workers=0) if local else ray.train.ScalingConfig(
+        num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu,
-                                               resources_per_worker=per_worker),
+        scaling_config=scaling,
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or None),
+            callbacks=None if local else (callbacks or None)),
     )
