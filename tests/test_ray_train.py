@@ -20,7 +20,7 @@ def test_two_worker_run_survives_a_killed_worker_and_ends_finished_in_mlflow(ray
         *TINY_DIGITS, "name=ray-fault", "schedule.epochs=3", "schedule.warmup_epochs=0", "optim.lr=3e-3",
         "optim.lr_base_batch=64", "resources.workers=2", "resources.cpus_per_worker=0.5"]))
     marker = tmp_path / "killed.pid"
-    result = run_train(cfg, tracking_uri, inject_failure={"after_epoch": 0, "marker": str(marker), "delay_s": 0.3})
+    result = run_train(cfg, tracking_uri, inject_failure={"after_epoch": 0, "marker": str(marker), "delay_s": 0.0})
 
     assert marker.exists(), "the fault was never injected"
     client = MlflowClient(tracking_uri)

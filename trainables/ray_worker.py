@@ -39,7 +39,7 @@ BEST_FILE = "best.pt"
 
 
 def _arm_fault(fault: dict | None, epoch: int, rank: int) -> None:
-    """Fault injection for tests: SIGKILL this worker ``delay_s`` seconds into the epoch after
+    """Fault injection for tests: SIGKILL this worker ``delay_s`` seconds (0 = at once) into the epoch after
     ``fault["after_epoch"]`` (mid-epoch, after that epoch's checkpoint was reported), once per marker file."""
     if not fault or rank != fault.get("rank", 0) or epoch != fault["after_epoch"]:
         return
