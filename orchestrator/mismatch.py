@@ -38,6 +38,12 @@ def distilled_features(model: torch.nn.Module, images: torch.Tensor, batch_size:
     return torch.cat(outs)
 
 
+def frozen_teacher(cfg: TrainConfig, data, teacher_checkpoint: str | None):
+    """The run's teacher, normalised for ``data`` (the student's pipeline)."""
+    return build_teacher(cfg.teacher, student_mean=data.mean, student_std=data.std,
+                         checkpoint_path=teacher_checkpoint, img_size=cfg.data.img_size)
+
+
 def layer_summary(features: torch.Tensor, prefix: str) -> dict[str, float]:
     diag = diagnose_layer(features, thresholds=MISMATCH_THRESHOLDS, num_pairs=0)
     metrics = {}
@@ -58,9 +64,7 @@ def measure_mismatch(cfg: TrainConfig, checkpoint_path: str, *, teacher_checkpoi
     feat_s = distilled_features(student, images)
     metrics = layer_summary(feat_s, "diag")
     if cfg.kd.uses_teacher:
-        teacher = build_teacher(cfg.teacher, student_mean=data.mean, student_std=data.std,
-                                checkpoint_path=teacher_checkpoint, img_size=cfg.data.img_size)
-        feat_t = distilled_features(teacher, images)
+        feat_t = distilled_features(frozen_teacher(cfg, data, teacher_checkpoint), images)
         aligned = feat_s
         if feat_s.shape[-1] != feat_t.shape[-1]:
             projector = ckpt.get("projector")
@@ -75,6 +79,4 @@ def measure_mismatch(cfg: TrainConfig, checkpoint_path: str, *, teacher_checkpoi
 def teacher_summary(cfg: TrainConfig, teacher_checkpoint: str | None, num_images: int = 200) -> dict[str, float]:
     """The same metrics for the teacher itself (logged on the sweep's parent run for comparison)."""
     images, data = val_subset(cfg, num_images)
-    teacher = build_teacher(cfg.teacher, student_mean=data.mean, student_std=data.std,
-                            checkpoint_path=teacher_checkpoint, img_size=cfg.data.img_size)
-    return layer_summary(distilled_features(teacher, images), "teacher")
+    return layer_summary(distilled_features(frozen_teacher(cfg, data, teacher_checkpoint), images), "teacher")
