@@ -63,7 +63,9 @@ def load_array(path: str | Path) -> Tensor:
         raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     except OSError as exc:
         raise ValueError(f"{path}: cannot be read ({exc.__class__.__name__})") from None
-    tensor = torch.as_tensor(np.asarray(value)) if isinstance(value, np.ndarray) else value
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "iuf":  # strings, objects, bools, complex, ...
+        raise ValueError(f"{path}: dtype {value.dtype} is not a real number type")
+    tensor = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
     if tensor.is_complex() or tensor.dtype == torch.bool or not (tensor.is_floating_point() or _is_integer(tensor)):
         raise ValueError(f"{path}: dtype {tensor.dtype} is not a real number type")
     if tensor.dtype != torch.float64:

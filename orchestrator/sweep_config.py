@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from trainables.config import TrainConfig, _Strict, apply_overrides, read_yaml, validate_model
+from trainables.config import ConfigError, TrainConfig, _Strict, apply_overrides, read_yaml, validate_model
 
 
 class SampledAxis(_Strict):
@@ -87,11 +87,14 @@ class SweepConfig(_Strict):
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested dict; a dict value for a section key is merged, not replaced."""
+    """Set ``a.b.c`` in a nested dict; a dict value for a section key is merged, not replaced.
+    Raises ValueError when a part of the path holds a value, not a section."""
     parts = key.split(".")
     node = tree
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], 1):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{key}: {'.'.join(parts[:depth])} is not a section (it is {node!r})")
     if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
         node[parts[-1]].update(copy.deepcopy(value))
     else:
@@ -119,10 +122,13 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> t
     base_ref = raw.get("base")
     if isinstance(base_ref, str):
         raw["base"] = read_yaml((path.parent / base_ref).resolve())
-    sweep_overrides = [o.removeprefix("sweep.") for o in overrides or [] if o.startswith("sweep.")]
+    if not isinstance(raw.setdefault("base", {}), dict):
+        raise ConfigError(f"{path}: base: must be a training config (a mapping) or its YAML file name, "
+                          f"got {raw['base']!r}")
+    sweep_overrides = [o for o in overrides or [] if o.startswith("sweep.")]
     base_overrides = [o for o in overrides or [] if not o.startswith("sweep.")]
-    apply_overrides(raw, sweep_overrides)
-    apply_overrides(raw.setdefault("base", {}) or {}, base_overrides)
+    apply_overrides({"sweep": raw}, sweep_overrides)  # errors quote the override as given
+    apply_overrides(raw["base"], base_overrides)
     cfg = validate_model(SweepConfig, raw, str(path))
     return cfg, path.parent.resolve()
 
@@ -134,7 +140,10 @@ def validate_trials(cfg: SweepConfig, source: str) -> list[TrainConfig]:
         bounds = [dict(zip(cfg.search.sample, values))
                   for values in itertools.product(*(axis.extremes() for axis in cfg.search.sample.values()))] or [{}]
         for extreme in bounds:
-            tree = trial_config_dict(cfg.base, {**point, **extreme})
+            try:
+                tree = trial_config_dict(cfg.base, {**point, **extreme})
+            except ValueError as exc:
+                raise ConfigError(f"{source}: search: axis {exc}") from None
             label = ", ".join(f"{k}={v}" for k, v in {**point, **extreme}.items()) or "base"
             configs.append(validate_model(TrainConfig, tree, f"{source} [trial {label}]"))
     return configs
