@@ -1,11 +1,18 @@
 """Connecting to Ray: a local cluster by default, or the one ``--address`` / ``RAY_ADDRESS`` names."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 
 def init_ray(address: str | None = None) -> None:
-    """Start (or join) Ray once per process. A local dashboard listens on 127.0.0.1 only."""
+    """Start (or join) Ray once per process.
+
+    A local cluster that encmm starts listens on 127.0.0.1 only: the dashboard (``dashboard_host``) and,
+    because its node IP is 127.0.0.1, Ray's own servers too (GCS, raylet, workers, agents, metrics). A
+    cluster named by ``address`` / ``RAY_ADDRESS`` (or one ``ray start`` left running on this machine,
+    which ``ray.init()`` joins) is used as it is.
+    """
     import ray
 
     if ray.is_initialized():
@@ -15,5 +22,41 @@ def init_ray(address: str | None = None) -> None:
     kwargs = {"ignore_reinit_error": True, "log_to_driver": True}
     if address:
         ray.init(address=address, **kwargs)
-    else:
+    elif _running_cluster() is not None:  # what ray.init() joins without an address: unchanged
         ray.init(dashboard_host="127.0.0.1", **kwargs)
+    else:
+        with _loopback_node_ip():
+            ray.init(address="local", dashboard_host="127.0.0.1", **kwargs)
+
+
+def _running_cluster() -> str | None:
+    """Address of a cluster ``ray start`` left on this machine (what ``ray.init()`` would join), else None."""
+    from ray._private import services
+
+    try:
+        return services.find_bootstrap_address(None)  # /tmp/ray/ray_current_cluster
+    except Exception:  # noqa: BLE001 - an unreadable address file: ray.init() reports it itself
+        return ""
+
+
+@contextlib.contextmanager
+def _loopback_node_ip():
+    """Let ``ray.init`` pick 127.0.0.1 as the node IP of the local cluster it starts.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` does not do it: Ray swaps a loopback address for the
+    machine's routable IP, and its gRPC servers (GCS, raylet, core workers, dashboard agent) and metrics
+    exporters then listen on every interface. Ray keeps a node IP of 127.0.0.1 only where it treats the
+    host as local-only (``ray_constants.ENABLE_RAY_CLUSTER`` false, as on macOS/Windows); every server
+    then binds 127.0.0.1. Read only while the node starts; restored afterwards.
+    """
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved

@@ -18,6 +18,8 @@ from orchestrator import tracking
 from trainables.config import ConfigError
 
 HEALTH_TIMEOUT_S = 120.0
+DEFAULT_HOST = "127.0.0.1"  # loopback only: the UI serves every run, param and artifact of the store
+DEFAULT_PORT = 5000
 
 
 def server_command(uri: str, host: str, port: int) -> list[str]:
@@ -74,7 +76,17 @@ def stop_server(process: subprocess.Popen) -> None:
             continue
 
 
-def run_ui(host: str, port: int, tracking_uri: str | None, sweep: str | None, echo=print) -> int:
+def server_url(host: str, port: int) -> str:
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def start_server(uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> subprocess.Popen:
+    """``mlflow server`` on ``uri`` in its own process group (stop it with :func:`stop_server`); returns at once."""
+    return subprocess.Popen(server_command(uri, host, port), start_new_session=True)
+
+
+def run_ui(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, tracking_uri: str | None = None,
+           sweep: str | None = None, echo=print) -> int:
     """Serve until Ctrl-C (or until the server dies); returns the server's exit code (0 on Ctrl-C)."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_tracking(uri)
@@ -83,8 +95,8 @@ def run_ui(host: str, port: int, tracking_uri: str | None, sweep: str | None, ec
         return 0
     if sweep:
         tracking.find_sweep_run(uri, sweep)  # unknown sweep: fail before starting anything
-    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    process = subprocess.Popen(server_command(uri, host, port), start_new_session=True)
+    base = server_url(host, port)
+    process = start_server(uri, host, port)
     try:
         wait_healthy(base, process)
         echo(f"MLflow UI on {uri}")
