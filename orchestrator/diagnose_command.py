@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import sys
 import tempfile
@@ -89,8 +90,9 @@ def _split_list(text: str, option: str, kind: type) -> list:
 
 
 def _parse_thresholds(text: str) -> tuple[float, ...]:
+    values = _split_list(text, "--thresholds", float)
     try:
-        return tuple(sorted(set(check_thresholds(_split_list(text, "--thresholds", float)))))
+        return tuple(sorted(set(check_thresholds(values))))
     except ValueError as exc:
         raise ConfigError(f"--thresholds: {exc}") from None
 
@@ -174,6 +176,10 @@ def _encmm_model(path: Path, where: str):
 
     try:
         ckpt = load_checkpoint_file(path)
+    except Exception as exc:  # noqa: BLE001 - not a torch file, or one holding more than tensors and plain data
+        raise ConfigError(f"{where}: not an encmm checkpoint: torch.load(weights_only=True) cannot read it "
+                          f"({exc.__class__.__name__})") from None
+    try:
         model, spec = model_from_checkpoint(ckpt)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"{where}: not an encmm checkpoint: {_first_line(exc)}") from None
@@ -186,6 +192,7 @@ def _encmm_model(path: Path, where: str):
 
 
 def _run_model(run_id: str, uri: str):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # errors stay one line
     with tempfile.TemporaryDirectory(prefix="encmm-diagnose-") as folder:
         local = tracking.fetch_best_checkpoint(uri, run_id, folder, "--run")
         return _encmm_model(local, f"--run {run_id}")
@@ -236,6 +243,16 @@ def _timm_dataset(name: str, o: DiagnoseOptions, spec: feats.InputSpec):
     return name, len(chosen), lambda: feats.dataset_batches(dataset, chosen, o.batch_size)
 
 
+def check_out_folder(folder: Path) -> None:
+    """``--out`` must be a folder, or a path where one can be made (its nearest existing parent a writable folder)."""
+    folder = folder.resolve()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out: {existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out: {existing} is not writable")
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:80] or "model"
 
@@ -255,8 +272,8 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
     if source != "--model" and (o.pretrained or o.model_args):
         raise ConfigError("--pretrained / --model-arg apply to --model only")
     out = Path(o.out) if o.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} exists and is not a folder")
+    if out is not None:
+        check_out_folder(out)
     uri = tracking.resolve_tracking_uri(o.tracking_uri)
     tracking.check_tracking(uri)
 
@@ -429,6 +446,7 @@ def run_diagnose(plan: DiagnosePlan, *, address: str | None = None) -> dict:
     if plan.options.run:
         tags["encmm.source_run_id"] = plan.options.run
     run_id = tracking.start_run(plan.uri, plan.experiment, run_name, params=plan.params, tags=tags)
+    tracking.close_runs_if_process_dies(plan.uri, [run_id])
     try:
         layers = plan.features if plan.features is not None else _extract(plan)
         o = plan.options

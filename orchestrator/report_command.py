@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from orchestrator import tracking
+from orchestrator.diagnose_command import check_out_folder
 from orchestrator.sweep_command import summarize
 from trainables.config import ConfigError, DataConfig, TeacherConfig
 
@@ -361,7 +362,9 @@ def run_report(name_or_id: str, out: str | None, tracking_uri: str | None) -> Re
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     record = load_sweep(uri, name_or_id)
-    folder = Path(out) if out else Path("reports") / record.name
+    # the default folder is one plain name under ./reports, whatever the sweep's tag says ('/', '..' -> '_')
+    folder = Path(out) if out else Path("reports") / tracking.safe_name(record.name)
+    check_out_folder(folder)
     with tempfile.TemporaryDirectory(prefix="encmm-report-") as work:
         result = build_report(record, folder.resolve(), Path(work))
     tracking.log_artifacts(uri, record.parent.info.run_id, result.out, "report")

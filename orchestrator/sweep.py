@@ -54,20 +54,26 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.mismatch import measure_mismatch
-    from trainables.ray_worker import BEST_FILE, build_trainer
+    from trainables.engine import NonFiniteLossError
+    from trainables.ray_worker import BEST_FILE, build_trainer, final_metrics
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_train_config(plan, config, trial_id)
     uri = plan["uri"]
+    key_tags = {"encmm.parent_run_id": plan["parent_run_id"], "encmm.trial_id": trial_id}
+    done = tracking.find_runs(uri, plan["experiment"], key_tags, statuses=("FINISHED",))
+    if done:  # the sweep driver died after this trial finished, before Tune saved that: do not re-run it
+        final = {k.removeprefix("final/"): v for k, v in done[0].data.metrics.items() if k.startswith("final/")}
+        tune.report(final)
+        return
     run_id = tracking.attach_run(
-        uri, plan["experiment"], f"{plan['name']}/{trial_id}",
-        key_tags={"encmm.parent_run_id": plan["parent_run_id"], "encmm.trial_id": trial_id},
+        uri, plan["experiment"], f"{plan['name']}/{trial_id}", key_tags=key_tags,
         params=flatten(cfg.model_dump(mode="json")),
         tags={"encmm.kind": "trial", "encmm.sweep_name": plan["name"],
               "encmm.assignment": json.dumps(config, sort_keys=True, default=str)},
         parent_run_id=plan["parent_run_id"])
-    logger = tracking.RunLogger(uri, run_id)
     storage = Path(plan["sweep_dir"]) / "trials"
+    logger = tracking.RunLogger(uri, run_id, spool=str(storage / trial_id / tracking.SPOOL_FILE))
     try:
         # Local mode runs the Train loop in this process: it reports to Tune itself (building a
         # TuneReportCallback would start a queue actor for nothing).
@@ -75,10 +81,10 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
         trainer = build_trainer(cfg, run_name=trial_id, storage_path=str(storage), log=logger,
                                 teacher_checkpoint=plan.get("teacher_checkpoint"),
                                 callbacks=None if local else [TuneReportCallback()],
-                                report_fn=tune.report if local else None)
-        result = trainer.fit()
-        reported = result.metrics or result.return_value or {}  # local mode: the loop's return value
-        final = {k: v for k, v in reported.items() if isinstance(v, (int, float))}
+                                report_fn=tune.report if local else None,
+                                inject_failure=plan.get("inject_failure", {}).get(trial_assignment_key(config)))
+        final = final_metrics(trainer.fit())
+        logger.flush()
         epoch = int(final.get("epoch", 0))
         best = storage / trial_id / BEST_FILE
         summary = {f"final/{k}": v for k, v in final.items() if k.startswith(("val/", "train/", "best/"))}
@@ -91,9 +97,17 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
                                             num_images=plan["mismatch_images"]))
         logger.log_metrics(summary, step=epoch)
         tracking.end_run(uri, run_id, "FINISHED")
+    except NonFiniteLossError as exc:
+        # Deterministic: a retry would diverge again. The run is FAILED with the reason; the sweep goes on.
+        tracking.end_run(uri, run_id, "FAILED", error=f"NonFiniteLossError: {exc}")
     except BaseException as exc:
         tracking.end_run(uri, run_id, "FAILED", error="".join(traceback.format_exception_only(type(exc), exc)))
         raise
+
+
+def trial_assignment_key(config: dict[str, Any]) -> str:
+    """A trial's grid assignment as one stable string, e.g. ``student.remedy=lift``."""
+    return ",".join(f"{key}={config[key]}" for key in sorted(config))
 
 
 class SweepProgress(tune.Callback):

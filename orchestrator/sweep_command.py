@@ -249,6 +249,7 @@ def start_sweep(setup: SweepSetup, address: str | None) -> dict:
                 **flatten(setup.cfg.base)},
         tags={"encmm.kind": "sweep", "encmm.sweep_name": sweep_dir.name, "encmm.sweep_dir": str(sweep_dir),
               "encmm.code_version": code_version()})
+    tracking.close_runs_if_process_dies(setup.uri, [parent_run_id], children_of=[parent_run_id])
     try:
         plan = build_plan(setup, teacher_run_id=teacher_run_id, teacher_checkpoint=teacher_checkpoint,
                           parent_run_id=parent_run_id, sweep_dir=sweep_dir, max_concurrent=at_once)
@@ -274,8 +275,14 @@ def code_version() -> str:
 
 
 def find_sweep(name: str, output_dir: str, uri: str) -> dict:
-    """The saved plan of sweep ``name`` (a folder under ``<output_dir>/sweeps``)."""
-    folder = Path(output_dir).resolve() / "sweeps" / name
+    """The saved plan of sweep ``name`` (a folder directly under ``<output_dir>/sweeps``; a name is never a path)."""
+    import re
+
+    root = Path(output_dir).resolve() / "sweeps"
+    folder = root / name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or folder.resolve().parent != root:
+        raise ConfigError(f"--resume: {name!r} is not a sweep name (letters, digits, '_', '.', '-'; "
+                          f"a folder directly under {root})")
     if not (folder / "sweep.json").is_file():
         raise ConfigError(f"--resume: no sweep named {name!r} under {folder.parent}")
     plan = load_plan(folder)
@@ -292,6 +299,7 @@ def run_sweep(plan: dict, *, resume: bool, address: str | None) -> tuple[list[di
     if resume:
         tracking.set_tags(plan["uri"], plan["parent_run_id"], {"encmm.resumed": "true"})
         tracking.set_status(plan["uri"], plan["parent_run_id"], "RUNNING")
+        tracking.close_runs_if_process_dies(plan["uri"], [plan["parent_run_id"]], children_of=[plan["parent_run_id"]])
     interrupted = False
     try:
         tuner = build_tuner(plan, restore=resume)

@@ -7,14 +7,17 @@ chart works; per-epoch metrics use ``step=epoch``.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 DEFAULT_EXPERIMENT = "encmm"
+SPOOL_FILE = "mlflow-pending.jsonl"  # per run folder: metrics waiting for an unreachable store
 
 
 class TrackingError(RuntimeError):
@@ -41,7 +44,7 @@ def _client(uri: str):
 def artifact_location_for(uri: str, experiment: str) -> str | None:
     """A SQLite store keeps artifacts in an absolute folder beside the database; a server decides itself."""
     if uri.startswith("sqlite:///"):
-        root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / _safe_name(experiment)
+        root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / safe_name(experiment)
         return root.resolve().as_uri()
     return None
 
@@ -110,8 +113,9 @@ def ensure_experiment(uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location_for(uri, name))
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:100] or "run"
+def safe_name(text: str) -> str:
+    """One folder name from any text: never a path, never ``.`` or ``..``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip(".")[:100] or "run"
 
 
 def _param_value(value: Any) -> str:
@@ -148,6 +152,20 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None =
     client.set_terminated(run_id, status=status)
 
 
+def close_runs_if_process_dies(uri: str, run_ids: list[str], children_of: list[str] | None = None) -> None:
+    """Start a watchdog (``orchestrator.watchdog``) that ends these runs FAILED if this process dies
+    with them still RUNNING (SIGKILL, OOM): no run is left RUNNING by a crash nothing could catch."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "orchestrator.watchdog", "--pid", str(os.getpid()), "--uri", uri]
+    for run_id in run_ids:
+        command += ["--run", run_id]
+    for run_id in children_of or []:
+        command += ["--children-of", run_id]
+    subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def get_run(uri: str, run_id: str):
     return _client(uri).get_run(run_id)
 
@@ -158,12 +176,39 @@ def download_artifact(uri: str, run_id: str, path: str, dest: str | Path) -> Pat
     return Path(_client(uri).download_artifacts(run_id, path, str(dest)))
 
 
+@contextmanager
+def _fail_fast():
+    """MLflow's HTTP client retries a failed call for minutes by default; a training loop must not wait:
+    one quick try, and the caller keeps what did not get through."""
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _spool_lines(metrics: list) -> str:
+    return "".join(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n"
+                   for m in metrics)
+
+
 @dataclass(frozen=True)
 class RunLogger:
-    """Picklable handle that rank 0 of a Ray Train job uses to log into the driver's run."""
+    """Picklable handle that rank 0 of a Ray Train job uses to log into the driver's run.
+
+    With a ``spool`` file, metrics the store cannot take (server down, network cut) are appended to it
+    and training goes on; every later call sends the spool first, and the driver's :meth:`flush` at the
+    end of the run sends what is left (with MLflow's own retries), so no metric is lost.
+    """
 
     uri: str
     run_id: str
+    spool: str | None = None
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
@@ -171,7 +216,35 @@ class RunLogger:
         now = int(time.time() * 1000)
         items = [Metric(key, float(value), now, step) for key, value in metrics.items()
                  if isinstance(value, (int, float)) and key != "epoch"]
-        _client(self.uri).log_batch(self.run_id, metrics=items)
+        if self.spool is None:
+            _client(self.uri).log_batch(self.run_id, metrics=items)
+            return
+        try:
+            with _fail_fast():
+                self.flush()
+                _client(self.uri).log_batch(self.run_id, metrics=items)
+        except Exception as exc:  # noqa: BLE001 - any store failure: keep the metrics, keep training
+            spool = Path(self.spool)
+            spool.parent.mkdir(parents=True, exist_ok=True)
+            with spool.open("a") as handle:
+                handle.write(_spool_lines(items))
+            print(f"encmm: warning: MLflow store {self.uri} did not take the metrics of step {step} "
+                  f"({exc.__class__.__name__}); kept in {spool}, sent when it is back", flush=True)
+
+    def flush(self) -> int:
+        """Send the spooled metrics (oldest first); returns how many. Raises if the store still refuses."""
+        from mlflow.entities import Metric
+
+        spool = Path(self.spool) if self.spool else None
+        if spool is None or not spool.is_file():
+            return 0
+        pending = [Metric(**json.loads(line)) for line in spool.read_text().splitlines() if line.strip()]
+        for start in range(0, len(pending), 1000):  # MLflow's batch limit
+            _client(self.uri).log_batch(self.run_id, metrics=pending[start:start + 1000])
+            rest = pending[start + 1000:]  # rewrite what is left: a failure later never re-sends a batch
+            spool.write_text(_spool_lines(rest))
+        spool.unlink(missing_ok=True)
+        return len(pending)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         _client(self.uri).log_artifact(self.run_id, str(path), artifact_path)

@@ -49,7 +49,7 @@ def write_resolved_config(cfg: TrainConfig, folder: Path) -> Path:
 def run_train(cfg: TrainConfig, uri: str, *, teacher_checkpoint: str | None = None, address: str | None = None,
               inject_failure: dict | None = None, tags: dict | None = None) -> dict:
     """Run one validated config on Ray Train; returns the final metrics. Ends the MLflow run in all cases."""
-    from trainables.ray_worker import BEST_FILE, build_trainer
+    from trainables.ray_worker import BEST_FILE, build_trainer, final_metrics
 
     if cfg.resources.local_mode == "auto":  # a lone run has no Tune retry: keep Ray Train's worker restarts
         cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"local_mode": "off"})})
@@ -60,13 +60,14 @@ def run_train(cfg: TrainConfig, uri: str, *, teacher_checkpoint: str | None = No
     run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name,
                                 params=flatten(cfg.model_dump(mode="json")),
                                 tags={"encmm.kind": "train", "encmm.run_dir": str(run_dir), **(tags or {})})
-    logger = tracking.RunLogger(uri, run_id)
+    tracking.close_runs_if_process_dies(uri, [run_id])
+    logger = tracking.RunLogger(uri, run_id, spool=str(run_dir / tracking.SPOOL_FILE))
     try:
         logger.log_artifact(write_resolved_config(cfg, run_dir))
         trainer = build_trainer(cfg, run_name=run_name, storage_path=str(storage), log=logger,
                                 teacher_checkpoint=teacher_checkpoint, inject_failure=inject_failure)
-        result = trainer.fit()
-        final = dict(result.metrics or {})
+        final = final_metrics(trainer.fit())
+        logger.flush()  # metrics spooled while the store was unreachable, with MLflow's own retries
         best = run_dir / BEST_FILE
         if best.is_file():
             logger.log_artifact(best, "checkpoints")

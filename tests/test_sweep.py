@@ -66,8 +66,10 @@ def test_every_shipped_train_config_is_valid():
 
 
 @pytest.mark.ray
-def test_two_trial_sweep_logs_parent_and_child_runs_and_reuses_its_teacher(ray_cluster, tmp_path, monkeypatch,
-                                                                         tracking_uri):
+def test_two_trial_sweep_survives_a_killed_trial_and_a_diverging_one_and_reuses_its_teacher(
+        ray_cluster, tmp_path, monkeypatch, tracking_uri):
+    """Trial lr=0.003 has its process SIGKILLed mid-epoch 1: Tune retries it and it resumes from its epoch-0
+    checkpoint. Trial lr=1e30 diverges to a NaN loss: its run ends FAILED with the reason, the sweep goes on."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator import sweep_command as sc
@@ -77,37 +79,45 @@ def test_two_trial_sweep_logs_parent_and_child_runs_and_reuses_its_teacher(ray_c
                                            "student": {**TINY_BASE["student"], "width": 64}})
     sweep_file = write_yaml(tmp_path / "sweep.yaml", {
         "name": "tiny", "teacher_training": "teacher.yaml", "mismatch_images": 40,
-        "base": {**TINY_BASE, "kd": {"beta": 1.0, "alpha": 0.5}},
-        "search": {"grid": {"student.remedy": ["none", "lift"]}}})
+        "base": {**TINY_BASE, "schedule": {"epochs": 2, "warmup_epochs": 0},
+                 "student": {**TINY_BASE["student"], "remedy": "lift"}, "kd": {"beta": 1.0, "alpha": 0.5}},
+        "search": {"grid": {"optim.lr": [0.003, 1.0e30]}}})
     setup = sc.prepare_sweep(str(sweep_file), [], tracking_uri)
     plan = sc.start_sweep(setup, None)
+    marker = tmp_path / "killed.pid"
+    plan["inject_failure"] = {"optim.lr=0.003": {"epoch": 1, "batch": 3, "marker": str(marker)}}
     rows, best = sc.run_sweep(plan, resume=False, address=None)
 
+    assert marker.exists(), "the fault was never injected"
     client = MlflowClient(tracking_uri)
     parent = client.get_run(plan["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert {"summary.csv", "summary.md", "sweep.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "teacher/svd_rank_p99/0.99" in parent.data.metrics
+    assert parent.data.metrics["trials/finished"] == 1 and parent.data.metrics["trials/failed"] == 1
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 2 and len(rows) == 2
-    assert sorted(c.data.params["student.remedy"] for c in children) == ["lift", "none"]
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert child.data.params["kd.alpha"] == "0.5" and child.data.params["student.width"] == "32"
-        assert child.data.tags["encmm.trial_id"]
-        for key in ("val/acc1", "final/val/acc1", "diag/svd_rank_p99/0.99", "diag/pca_rank_p99/0.99",
-                    "diag/sep_ratio_90", "diag/feat_mse", "params_inference"):
-            assert key in child.data.metrics, key
-        assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
-    assert best is not None and best["status"] == "FINISHED"
+    assert len(children) == 2 and len(rows) == 2  # one run per trial, the retried one included
+    by_lr = {float(c.data.params["optim.lr"]): c for c in children}
+    good, diverged = by_lr[0.003], by_lr[1e30]
+    assert good.info.status == "FINISHED"
+    assert good.data.params["kd.alpha"] == "0.5" and good.data.params["student.width"] == "32"
+    assert sorted(m.step for m in client.get_metric_history(good.info.run_id, "val/acc1")) == [0, 1]
+    for key in ("val/acc1", "final/val/acc1", "diag/svd_rank_p99/0.99", "diag/pca_rank_p99/0.99",
+                "diag/sep_ratio_90", "diag/feat_mse", "params_inference"):
+        assert key in good.data.metrics, key
+    assert [a.path for a in client.list_artifacts(good.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    assert diverged.info.status == "FAILED"
+    assert "non-finite loss in epoch 0" in diverged.data.tags["encmm.error"]
+    assert best is not None and best["run_id"] == good.info.run_id
     # The teacher was trained once, tagged by its config hash, and is found again instead of retrained.
     assert sc.ensure_teacher(setup, None) == plan["base"]["teacher"]["run_id"]
 
 
 @pytest.mark.ray
-def test_interrupted_sweep_resumes_without_rerunning_or_duplicating_trials(tmp_path):
-    """Ctrl-C (SIGINT) on a real `encmm sweep` process, then `--resume` finishes it."""
+def test_sweep_driver_killed_mid_sweep_resumes_without_rerunning_or_duplicating_trials(tmp_path):
+    """SIGKILL to a real `encmm sweep` process and everything it started (as when its node is preempted),
+    right after its first trial finished; `--resume` finishes the sweep."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -123,29 +133,35 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating_trials(tmp_p
     first_finished = None
     deadline = time.time() + 420
     while time.time() < deadline and first_finished is None:
-        time.sleep(2)
+        time.sleep(1)
         experiment = client.get_experiment_by_name("encmm") if (tmp_path / "mlflow.db").exists() else None
         if experiment is not None:
             runs = client.search_runs([experiment.experiment_id], filter_string="tags.`encmm.kind` = 'trial'")
             done = [r for r in runs if r.info.status == "FINISHED"]
             first_finished = done[0] if done else None
     assert first_finished is not None, "no trial finished in time"
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=180)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
 
     name = next((tmp_path / "encmm-runs" / "sweeps").iterdir()).name
     parent_id = first_finished.data.tags["mlflow.parentRunId"]
-    assert client.get_run(parent_id).info.status != "RUNNING"
+    experiment_id = first_finished.info.experiment_id
+    deadline = time.time() + 60  # the watchdog closes what the killed process left open
+    while time.time() < deadline and client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        time.sleep(0.5)
+    assert not client.search_runs([experiment_id], "attributes.status = 'RUNNING'"), "a run was left RUNNING"
+    assert client.get_run(parent_id).info.status == "FAILED"
+
     resumed = subprocess.run([*encmm, "sweep", str(sweep_file), "--resume", name], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    children = client.search_runs([first_finished.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     trial_ids = [c.data.tags["encmm.trial_id"] for c in children]
     assert len(children) == 3 and len(set(trial_ids)) == 3  # no duplicate child runs
     assert all(c.info.status == "FINISHED" for c in children)
     again = client.get_run(first_finished.info.run_id)
     assert again.info.end_time == first_finished.info.end_time  # the finished trial was not re-run
     assert [m.step for m in client.get_metric_history(again.info.run_id, "val/acc1")] == [0]
-    assert client.get_run(parent_id).info.status == "FINISHED"
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/finished"] == 3
+    assert {"summary.csv", "summary.md"} <= {a.path for a in client.list_artifacts(parent_id)}

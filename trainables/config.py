@@ -41,6 +41,9 @@ class DataConfig(_Strict):
     repeated_aug: bool = False
     synthetic_samples: int = Field(256, gt=0)
     synthetic_classes: int = Field(4, gt=1)
+    on_bad_image: Literal["error", "skip"] = Field(
+        "error", description="imagefolder: an image file that cannot be decoded stops the run with an error "
+                             "naming it, or is skipped (replaced by the next image) and counted in data/skipped_images")
 
     @model_validator(mode="after")
     def _needs_root(self) -> "DataConfig":
@@ -124,6 +127,9 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     clip_grad: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1, description="timm ModelEmaV3 (None = off)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss: stop the run (it ends FAILED with the reason), or skip that step's "
+                            "update and count it in train/skipped_steps (one host sync per step)")
 
 
 class ScheduleConfig(_Strict):

@@ -108,20 +108,76 @@ def build_deit_transforms(cfg: DataConfig, mean, std):
     return train_tf, eval_tf
 
 
+class BadImageError(RuntimeError):
+    """An image file of an ImageFolder cannot be decoded (``data.on_bad_image=error``)."""
+
+
+def _checked_image_dataset():
+    """timm's ``ImageDataset`` over an ImageFolder, with a stated policy for files PIL cannot decode.
+
+    timm retries the next sample and only logs a warning; encmm either stops with an error naming the
+    file (``error``) or skips it and counts it (``skip``; the count is shared with loader worker processes
+    and reported per epoch as ``data/skipped_images``). Defined lazily: importing timm costs seconds.
+    """
+    import multiprocessing
+
+    from PIL import Image
+    from timm.data import ImageDataset
+
+    class CheckedImageDataset(ImageDataset):
+        def __init__(self, root: str, *, on_bad_image: str, transform=None):
+            super().__init__(root, transform=transform)
+            self.on_bad_image = on_bad_image
+            self._skipped = multiprocessing.Value("i", 0)
+
+        def _load(self, index: int):
+            path, target = self.reader.samples[index]
+            try:
+                with Image.open(path) as image:
+                    return image.convert("RGB"), target
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                if self.on_bad_image == "error":
+                    raise BadImageError(f"cannot decode image {path}: {exc}; set data.on_bad_image=skip to "
+                                        f"skip and count such files") from None
+                print(f"encmm: warning: skipped image {path}: {exc}", flush=True)
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                return None
+
+        def __getitem__(self, index: int):
+            for offset in range(len(self)):
+                loaded = self._load((index + offset) % len(self))
+                if loaded is not None:
+                    image, target = loaded
+                    return (self.transform(image) if self.transform is not None else image), target
+            raise BadImageError(f"no image of {self.reader.root} can be decoded")
+
+        def skipped_images(self) -> int:
+            """Files skipped since the last call (the engine reports it once per epoch)."""
+            with self._skipped.get_lock():
+                count, self._skipped.value = self._skipped.value, 0
+            return count
+
+    return CheckedImageDataset
+
+
 def build_timm_dataset(cfg: DataConfig) -> DataBundle:
     """ImageFolder layout (``root/train``, ``root/val``) or any timm ``create_dataset`` name."""
     from timm.data import create_dataset
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     train_tf, eval_tf = build_deit_transforms(cfg, mean, std)
-    name = "" if cfg.name == "imagefolder" else cfg.dataset
+    if cfg.name == "imagefolder":
+        checked = _checked_image_dataset()
+        train = checked(str(Path(cfg.root) / "train"), on_bad_image=cfg.on_bad_image, transform=train_tf)
+        val = checked(str(Path(cfg.root) / "val"), on_bad_image=cfg.on_bad_image, transform=eval_tf)
+        return DataBundle(train, val, count_classes(train), mean, std)
     root = cfg.root or str(Path.cwd() / "data")
-    train = create_dataset(name, root=root, split="train", is_training=True, download=cfg.download,
+    train = create_dataset(cfg.dataset, root=root, split="train", is_training=True, download=cfg.download,
                            transform=train_tf)
-    val = create_dataset(name, root=root, split="validation" if name and name.startswith("hfds") else "val",
+    val = create_dataset(cfg.dataset, root=root, split="validation" if cfg.dataset.startswith("hfds") else "val",
                          is_training=False, download=cfg.download, transform=eval_tf)
-    num_classes = count_classes(train)
-    return DataBundle(train, val, num_classes, mean, std)
+    return DataBundle(train, val, count_classes(train), mean, std)
 
 
 def count_classes(dataset) -> int:

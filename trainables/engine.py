@@ -175,15 +175,35 @@ def _all_reduce_sum(tensor: torch.Tensor, state: TrainingState) -> torch.Tensor:
     return tensor
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf and ``optim.on_nonfinite`` is ``stop``: the run cannot go on."""
+
+
+NONFINITE_CHECK_EVERY = 25  # stop mode: steps between host syncs that look for a NaN/inf loss
+
+
+def _nonfinite_message(epoch: int, step: int, losses: dict[str, torch.Tensor]) -> str:
+    values = ", ".join(f"{name}={value.item():.4g}" for name, value in sorted(losses.items()))
+    return f"non-finite loss in epoch {epoch}, detected at step {step} ({values}); optim.on_nonfinite=stop"
+
+
 def train_one_epoch(state: TrainingState, epoch: int) -> dict[str, float]:
-    """One pass over the train loader; returns ``train/*`` metrics averaged over all ranks."""
+    """One pass over the train loader; returns ``train/*`` metrics averaged over all ranks.
+
+    A NaN/inf loss either stops the run (:class:`NonFiniteLossError`, raised on every rank within
+    ``NONFINITE_CHECK_EVERY`` steps, before any checkpoint of the diverged weights) or, with
+    ``optim.on_nonfinite=skip``, skips that step's update on every rank and counts it.
+    """
     state.distiller.train()
     state.train_loader.sampler.set_epoch(epoch)
     needs_features = state.teacher is not None and state.cfg.kd.beta > 0
+    skip_nonfinite = state.cfg.optim.on_nonfinite == "skip"
     sums: dict[str, torch.Tensor] = {}
-    seen = 0
+    nonfinite = torch.zeros((), device=state.device)
+    seen = skipped = 0
     start = time.perf_counter()
-    for images, labels in state.train_loader:
+    last_step = len(state.train_loader) - 1
+    for step, (images, labels) in enumerate(state.train_loader):
         images = images.to(state.device, non_blocking=True)
         labels = labels.to(state.device, non_blocking=True)
         with _autocast(state):
@@ -192,6 +212,10 @@ def train_one_epoch(state: TrainingState, epoch: int) -> dict[str, float]:
                 teacher_logits, feat_t = state.teacher(images)
             logits, feat_s = state.distiller(images, with_features=needs_features)
             losses = state.criterion(logits, labels, feat_s, teacher_logits, feat_t)
+        bad = (~torch.isfinite(losses["loss"].detach())).float()
+        if skip_nonfinite and _all_reduce_sum(bad, state).item() > 0:  # same decision on every rank
+            skipped += 1
+            continue
         state.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if state.cfg.optim.clip_grad:
@@ -205,15 +229,25 @@ def train_one_epoch(state: TrainingState, epoch: int) -> dict[str, float]:
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() * len(labels)
         seen += len(labels)
+        if not skip_nonfinite:
+            nonfinite += bad
+            if (step % NONFINITE_CHECK_EVERY == 0 or step == last_step) \
+                    and _all_reduce_sum(nonfinite.clone(), state).item() > 0:
+                raise NonFiniteLossError(_nonfinite_message(epoch, step, losses))
     elapsed = time.perf_counter() - start
     names = sorted(sums)
     totals = _all_reduce_sum(torch.stack([sums[n] for n in names] + [torch.tensor(float(seen), device=state.device)]),
                              state).tolist()
-    count = totals[-1]
+    count = max(totals[-1], 1.0)
     metrics = {f"train/{n}": v / count for n, v in zip(names, totals)}
     metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]
     metrics["train/img_per_s"] = count / elapsed
     metrics["time/epoch_s"] = elapsed
+    if skip_nonfinite:
+        metrics["train/skipped_steps"] = float(skipped)
+    skipped_images = getattr(state.train_loader.dataset, "skipped_images", None)
+    if skipped_images is not None:
+        metrics["data/skipped_images"] = float(skipped_images())
     return metrics
 
 
@@ -268,15 +302,66 @@ def restore_state(state: TrainingState, ckpt: dict) -> int:
     return ckpt["epoch"] + 1
 
 
-def save_checkpoint(ckpt: dict, path: Path) -> None:
-    """Write atomically: a crash mid-write leaves the previous file intact."""
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
+
+
+def save_checkpoint(ckpt: dict, path: Path, *, keep_previous: bool = False) -> None:
+    """Write atomically: a crash or a full disk mid-write leaves the previous file intact.
+
+    ``keep_previous`` keeps the file being replaced as ``<name>.prev`` (the fallback of
+    :func:`load_resume_checkpoint` when the newest one turns out unreadable).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(ckpt, tmp)
+        with tmp.open("wb") as handle:  # through a Python file: a full disk raises OSError with its errno
+            torch.save(ckpt, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_checkpoint(path))
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer re-raises a failed write as RuntimeError
+        cause = _os_error_in_chain(exc)
+        if cause is None:
+            raise
+        kept = "the previous checkpoint is intact" if path.exists() or previous_checkpoint(path).exists() else \
+            "no earlier checkpoint existed"
+        raise CheckpointWriteError(cause.errno, f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}") \
+            from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _os_error_in_chain(exc: BaseException | None) -> OSError | None:
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__context__
+    return exc
+
+
+def previous_checkpoint(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def load_resume_checkpoint(candidates: list[Path]) -> tuple[dict, Path] | None:
+    """The first readable checkpoint of ``candidates`` (newest first), or None when none is.
+
+    A truncated or corrupt file is reported and skipped, so a run resumes from the previous good
+    checkpoint instead of failing (or, with no good one left, starts over).
+    """
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer"} <= ckpt.keys():
+                raise ValueError("not an encmm training checkpoint")
+            return ckpt, path
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: fall back to the next one
+            print(f"encmm: warning: checkpoint {path} is unreadable ({exc.__class__.__name__}: "
+                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); trying an earlier one", flush=True)
+    return None
 
 
 EpochEnd = Callable[[int, dict, bool, TrainingState], None]
@@ -310,14 +395,15 @@ def fit(cfg: TrainConfig, *, log: LogFn | None = None, checkpoint_dir: str | Pat
                            teacher_checkpoint=teacher_checkpoint)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start = 0
-    if folder is not None and (folder / "last.pt").exists():
-        start = restore_state(state, torch.load(folder / "last.pt", map_location="cpu", weights_only=True))
+    if folder is not None and (found := load_resume_checkpoint([folder / "last.pt",
+                                                                previous_checkpoint(folder / "last.pt")])):
+        start = restore_state(state, found[0])
 
     def save(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
         if folder is None:
             return
         ckpt = checkpoint_state(state, epoch, metrics)
-        save_checkpoint(ckpt, folder / "last.pt")
+        save_checkpoint(ckpt, folder / "last.pt", keep_previous=True)
         if is_best:
             save_checkpoint(ckpt, folder / "best.pt")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,26 +29,43 @@ import ray.train.torch
 import torch
 
 from trainables.config import TrainConfig
-from trainables.engine import TrainingState, checkpoint_state, resolve_device, restore_state, run_epochs, \
-    save_checkpoint, setup_training
+from trainables.engine import NonFiniteLossError, TrainingState, checkpoint_state, load_resume_checkpoint, \
+    previous_checkpoint, resolve_device, restore_state, run_epochs, save_checkpoint, setup_training
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HEALTH_CHECK_INTERVAL_S = 0.5  # Ray Train default 2.0; a missed poll only counts after 10 min
 BEST_FILE = "best.pt"
 
 
-def _arm_fault(fault: dict | None, epoch: int, rank: int) -> None:
-    """Fault injection for tests: SIGKILL this worker ``delay_s`` seconds (0 = at once) into the epoch after
-    ``fault["after_epoch"]`` (mid-epoch, after that epoch's checkpoint was reported), once per marker file."""
-    if not fault or rank != fault.get("rank", 0) or epoch != fault["after_epoch"]:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(str(os.getpid()))
-    timer = threading.Timer(fault.get("delay_s", 1.0), os.kill, args=(os.getpid(), signal.SIGKILL))
-    timer.daemon = True
-    timer.start()
+NONFINITE_KEY = "encmm/nonfinite"  # in the loop's return value: the run stopped on a NaN/inf loss
+
+
+class FaultInjectingLoader:
+    """Fault injection for tests: wraps the train loader and SIGKILLs this process when it is about
+    to yield batch ``fault["batch"]`` of epoch ``fault["epoch"]`` (mid-epoch, after the previous epoch's
+    checkpoint was committed), on rank ``fault.get("rank", 0)``, once per ``fault["marker"]`` file."""
+
+    def __init__(self, loader, fault: dict):
+        self.loader, self.fault = loader, fault
+        self.sampler, self.dataset = loader.sampler, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        marker = Path(self.fault["marker"])
+        for index, batch in enumerate(self.loader):
+            if self.sampler.epoch == self.fault["epoch"] and index == self.fault["batch"] and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+
+def committed_checkpoints(run_dir: Path, latest: Path) -> list[Path]:
+    """``latest`` (from ``get_checkpoint()``), then the run's older committed checkpoints, newest first
+    (those Ray Train keeps in ``run_dir``, found when the storage is a local or shared filesystem)."""
+    older = sorted((p / CHECKPOINT_FILE for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True)
+    return [latest] + [p for p in older if p.parent.resolve() != latest.parent.resolve()]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict:
@@ -63,35 +79,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
     if local:  # one process, no DDP: the engine's own device choice (Ray sets CUDA_VISIBLE_DEVICES if any)
         state = setup_training(cfg, device=resolve_device(cfg.resources.gpus_per_worker),
                                teacher_checkpoint=config.get("teacher_checkpoint"))
+        found = load_resume_checkpoint([run_dir / CHECKPOINT_FILE, previous_checkpoint(run_dir / CHECKPOINT_FILE)])
     else:
         device = ray.train.torch.get_device()
         state = setup_training(cfg, device=device, teacher_checkpoint=config.get("teacher_checkpoint"),
                                wrap_model=lambda module: ray.train.torch.prepare_model(module, move_to_device=device))
+        found = None
+        if (latest := ray.train.get_checkpoint()) is not None:
+            with latest.as_directory() as folder:  # a download when the storage is remote
+                found = load_resume_checkpoint(committed_checkpoints(run_dir, Path(folder) / CHECKPOINT_FILE))
     start_epoch = 0
-    if local:
-        resume_file = run_dir / CHECKPOINT_FILE
-        if resume_file.is_file():
-            start_epoch = restore_state(state, torch.load(resume_file, map_location="cpu", weights_only=True))
-            print(f"encmm: resuming {cfg.name} at epoch {start_epoch} from {resume_file}", flush=True)
-    elif (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as folder:
-            ckpt = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        start_epoch = restore_state(state, ckpt)
+    if found:
+        start_epoch = restore_state(state, found[0])
         if rank == 0:
-            print(f"encmm: resuming {cfg.name} at epoch {start_epoch} from {checkpoint.path}", flush=True)
+            print(f"encmm: resuming {cfg.name} at epoch {start_epoch} from {found[1]}", flush=True)
+    fault = config.get("inject_failure")
+    if fault and rank == fault.get("rank", 0):
+        state.train_loader = FaultInjectingLoader(state.train_loader, fault)
     log: Callable | None = config.get("log") if rank == 0 else None
     report_fn: Callable | None = config.get("report_fn")
 
     def report_local(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
         ckpt = checkpoint_state(state, epoch, metrics)
-        save_checkpoint(ckpt, run_dir / CHECKPOINT_FILE)  # committed (atomic rename) before the next epoch
+        # Committed (atomic rename, the previous one kept as a fallback) before the next epoch.
+        save_checkpoint(ckpt, run_dir / CHECKPOINT_FILE, keep_previous=True)
         if is_best:
             save_checkpoint(ckpt, run_dir / BEST_FILE)
         if report_fn is not None:
             report_fn(metrics)
         else:
             ray.train.report(metrics)  # the Result's metrics (encmm train)
-        _arm_fault(config.get("inject_failure"), epoch, rank)
 
     def report(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -106,9 +123,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
         # Block until the controller has committed this checkpoint: a worker killed from here on
         # resumes after this epoch, so at most the epoch in flight is repeated.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        _arm_fault(config.get("inject_failure"), epoch, rank)
 
-    return run_epochs(state, start_epoch, log=log, on_epoch_end=report_local if local else report)
+    try:
+        return run_epochs(state, start_epoch, log=log, on_epoch_end=report_local if local else report)
+    except NonFiniteLossError as exc:
+        # Every rank detects it at the same step. Retrying would diverge again from the same checkpoint:
+        # end the loop normally and let the driver fail the run with this reason.
+        return {NONFINITE_KEY: str(exc)}
 
 
 def build_trainer(cfg: TrainConfig, *, run_name: str, storage_path: str, log: Callable | None = None,
@@ -148,3 +169,15 @@ def build_trainer(cfg: TrainConfig, *, run_name: str, storage_path: str, log: Ca
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=None if local else (callbacks or None)),
     )
+
+
+def final_metrics(result) -> dict:
+    """The numeric last-epoch metrics of a finished ``fit()``: the loop's return value (it has
+    ``best/epoch``), else the last report. Raises :class:`NonFiniteLossError` with the loop's reason
+    when the run stopped on a NaN/inf loss."""
+    returned = result.return_value or {}
+    if NONFINITE_KEY in returned:
+        raise NonFiniteLossError(returned[NONFINITE_KEY])
+    reported = returned or result.metrics or {}
+    return {key: value for key, value in reported.items() if isinstance(value, (int, float))}
+
