@@ -73,6 +73,8 @@ def sweep(config: Annotated[Optional[str], typer.Argument(help="sweep YAML (defa
         if resume:
             plan = sc.find_sweep(resume, setup.trials[0].tracking.output_dir, setup.uri)
         else:
+            if not (address or os.environ.get("RAY_ADDRESS")):
+                sc.trials_at_once(setup, sc.local_resources())  # fail before a local Ray cluster starts
             plan = sc.start_sweep(setup, address)
     except (ConfigError, TrackingError) as exc:
         fail(str(exc))

@@ -58,6 +58,16 @@ def concurrent_trials(per_trial: dict, cluster: dict, setting: int | None) -> in
     return min(fit, setting) if setting else fit
 
 
+def trials_at_once(setup: SweepSetup, cluster: dict) -> int:
+    """How many trials ``cluster`` runs at once; a ConfigError when not even one fits."""
+    at_once = concurrent_trials(setup.per_trial, cluster, setup.cfg.max_concurrent_trials)
+    if at_once < 1:
+        raise ConfigError(f"{setup.source}: resources: one trial needs {setup.per_trial['CPU']:g} CPU / "
+                          f"{setup.per_trial['GPU']:g} GPU; the cluster has {cluster.get('CPU', 0):g} CPU / "
+                          f"{cluster.get('GPU', 0):g} GPU")
+    return at_once
+
+
 def local_resources() -> dict:
     import torch
 
@@ -232,10 +242,7 @@ def start_sweep(setup: SweepSetup, address: str | None) -> dict:
     from orchestrator.ray_cluster import init_ray
 
     init_ray(address)
-    at_once = concurrent_trials(setup.per_trial, ray.cluster_resources(), setup.cfg.max_concurrent_trials)
-    if at_once < 1:
-        raise ConfigError(f"{setup.source}: resources: one trial needs {setup.per_trial['CPU']:g} CPU / "
-                          f"{setup.per_trial['GPU']:g} GPU; the cluster has {ray.cluster_resources()}")
+    at_once = trials_at_once(setup, ray.cluster_resources())
     teacher_run_id = ensure_teacher(setup, address) if setup.teacher_cfg is not None else None
     probe = setup.trials[0]
     if teacher_run_id:

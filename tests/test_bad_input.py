@@ -118,6 +118,8 @@ CASES = [
          ("bad.yaml", "kd.alpah", "not permitted"), (text("bad.yaml", sweep_yaml(base_extra="  kd: {alpah: 0.5}\n")),)),
     Case("sweep-grid-axis-unknown-key", "sweep", ("bad.yaml",),
          ("bad.yaml", "optim.lrr", "not permitted"), (text("bad.yaml", sweep_yaml("{optim.lrr: [0.1, 0.2]}")),)),
+    Case("sweep-trial-larger-than-this-machine", "sweep", ("bad.yaml", "--set", "resources.cpus_per_worker=4096"),
+         ("bad.yaml", "resources", "one trial needs 4096"), (text("bad.yaml", sweep_yaml()),)),
     Case("sweep-grid-axis-through-a-value", "sweep", ("bad.yaml",),
          ("bad.yaml", "student.width.value", "not a section"),
          (text("bad.yaml", sweep_yaml("{student.width.value: [1]}")),)),

@@ -72,6 +72,10 @@ CASES = [
          expect=("bad.yaml", "data.root", "nowhere"), stage=PREFLIGHT),
     Case("imagefolder-root-without-train-val", BASE, ("data.name=imagefolder", "data.root=images"),
          expect=("bad.yaml", "data.root", "train/"), stage=PREFLIGHT, files={"images": None}),
+    Case("imagefolder-without-images", BASE, ("data.name=imagefolder", "data.root=images"),
+         expect=("bad.yaml", "data.root", "no image files", "empty dataset"), stage=PREFLIGHT,
+         files={"images/train/a": None, "images/val/a": None, "images/train/a/notes.txt": b"x",
+                "images/val/a/notes.txt": b"x"}),
     Case("teacher-grid-mismatch", BASE + TIMM_TEACHER,  # teacher 16 px / patch 16 = 1x1, student 4x4
          expect=("bad.yaml", "teacher", "(1, 1)", "(4, 4)"), stage=PREFLIGHT),
     Case("avgpool-width-not-a-multiple", GRID_MATCHED, ("student.projector=avgpool", "student.width=80"),
@@ -104,7 +108,7 @@ def invoke(case: Case, workdir: Path) -> Outcome:
             Path("bad.yaml").write_text(case.yaml)
         for name, content in case.files.items():
             if content is None:
-                Path(name).mkdir()
+                Path(name).mkdir(parents=True)
             else:
                 Path(name).write_bytes(content)
         before = tree(workdir)

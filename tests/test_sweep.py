@@ -38,6 +38,7 @@ def test_dry_run_of_every_shipped_sweep_prints_its_plan(name, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     for split in ("train", "val"):  # the ImageNet sweep is pointed at a stand-in ImageFolder
         (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
+        (tmp_path / "imagenet" / split / "n01440764" / "tench.JPEG").write_bytes(b"")
     result = CliRunner().invoke(app, ["sweep", str(EXPERIMENTS / name), "--dry-run",
                                       "--set", f"data.root={tmp_path / 'imagenet'}",
                                       "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
@@ -50,6 +51,7 @@ def test_paper_sweep_plans_six_trials_of_four_gpus(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for split in ("train", "val"):
         (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
+        (tmp_path / "imagenet" / split / "n01440764" / "tench.JPEG").write_bytes(b"")
     result = CliRunner().invoke(app, ["sweep", str(EXPERIMENTS / "imagenet-cait-s24-deit-tiny.yaml"), "--dry-run",
                                       "--set", f"data.root={tmp_path / 'imagenet'}"])
     assert result.exit_code == 0, result.output

@@ -28,11 +28,23 @@ def check_data(cfg: TrainConfig, source: str) -> None:
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 _fail(source, "data.root", f"{root} has no {split}/ folder (ImageFolder layout: train/, val/)")
-            if not any(p.is_dir() for p in (root / split).iterdir()):
+            classes = [p for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith(".")]
+            if not classes:
                 _fail(source, "data.root", f"{root / split} holds no class folders")
+            if not any(_holds_an_image(folder) for folder in classes):
+                _fail(source, "data.root", f"{root / split}: no image files in its {len(classes)} class folders "
+                                           f"(empty dataset)")
     if data.img_size % cfg.student.patch_size:
         _fail(source, "data.img_size", f"{data.img_size} is not divisible by student.patch_size "
                                        f"{cfg.student.patch_size}")
+
+
+def _holds_an_image(folder: Path) -> bool:
+    """Stops at the first image file: cheap on ImageNet's 1,300-image class folders."""
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    extensions = get_img_extensions(as_set=True)
+    return any(p.suffix.lower() in extensions and p.is_file() for p in folder.rglob("*"))
 
 
 def check_timm_name(name: str, source: str, field: str) -> None:
