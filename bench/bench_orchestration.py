@@ -12,7 +12,9 @@ with ``--cpus`` CPUs, ``--epochs`` epochs) runs
     cluster), ``MLFLOW_TRACKING_URI`` on a temp SQLite store, once per ``--modes`` entry
     (``resources.local_mode``: ``off`` = a Train worker actor and controller, ``on`` = Train local mode).
 
-Reported per run: the process wall time, and a timeline from timestamps: trial start (the MLflow child
+Reported per run: the process wall time, for (b) the wall time of ``Tuner.fit`` (``time/tune_s`` on the
+parent run: Tune's start-up, the trial's own process and imports, training, mismatch diagnostics,
+teardown; what each further trial of a sweep costs, without the once-per-sweep driver start-up), and a timeline from timestamps: trial start (the MLflow child
 run's start, the first thing a trial driver does) -> first training step (the first epoch's metric
 timestamp minus that epoch's ``time/epoch_s`` and the val pass) -> training end -> process exit. The
 ratio (b)/(a) is of the median process wall times. Runs alternate (a, b-off, b-on, a, ...). Writes JSON
@@ -148,7 +150,8 @@ def run_b(args, teacher: Path, folder: Path, local_mode: str) -> dict:
             "start_to_first_step_s": first_step - start, "train_s": sum(epoch_s.values()),
             "first_step_to_last_epoch_s": last - first_step,
             "last_epoch_to_trial_end_s": child.info.end_time / 1000 - last,
-            "trial_end_to_exit_s": end - child.info.end_time / 1000, "after_training_s": end - last}
+            "trial_end_to_exit_s": end - child.info.end_time / 1000, "after_training_s": end - last,
+            "tune_s": parent.data.metrics["time/tune_s"]}
 
 
 def parse_args() -> argparse.Namespace:
@@ -187,13 +190,17 @@ def main() -> None:
         rows = [x for x in runs if x["mode"] == mode]
         med = {k: statistics.median(x[k] for x in rows) for k in rows[0] if isinstance(rows[0][k], (int, float))}
         med["mode"], med["ratio_vs_in_process"] = mode, med["wall_s"] / base
+        if "tune_s" in med:
+            med["tune_ratio_vs_in_process"] = med["tune_s"] / base
         summary.append(med)
-    print("\n| run | wall s | ratio vs in-process (<= 1.15) | start -> first step s | trial start -> first step s "
-          "| training s | after training s |\n|---|---|---|---|---|---|---|")
+    print("\n| run | process wall s | ratio vs in-process | Tune wall s (the trial) | trial ratio vs in-process "
+          "(<= 1.15) | start -> first step s | trial start -> first step s | training s | after training s |"
+          "\n|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         trial = s.get("trial_start_to_first_step_s", s.get("setup_to_first_step_s"))
-        print(f"| {s['mode']} | {s['wall_s']:.1f} | {s['ratio_vs_in_process']:.3f} | {s['start_to_first_step_s']:.1f} "
-              f"| {trial:.1f} | {s['train_s']:.1f} | {s['after_training_s']:.1f} |")
+        tune = f"{s['tune_s']:.1f} | {s['tune_ratio_vs_in_process']:.3f}" if "tune_s" in s else "- | -"
+        print(f"| {s['mode']} | {s['wall_s']:.1f} | {s['ratio_vs_in_process']:.3f} | {tune} "
+              f"| {s['start_to_first_step_s']:.1f} | {trial:.1f} | {s['train_s']:.1f} | {s['after_training_s']:.1f} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "nproc": os.cpu_count(), "argv": sys.argv[1:],

@@ -10,6 +10,8 @@ import hashlib
 import json
 import math
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,19 +137,28 @@ def format_plan(setup: SweepSetup, cluster: dict, where: str) -> str:
     return "\n".join(lines)
 
 
-def ensure_teacher(setup: SweepSetup, address: str | None) -> str:
-    """Run id of a FINISHED teacher run for ``setup.teacher_cfg``: reused by hash, else trained now."""
-    from orchestrator.train_command import run_train
-
+def find_teacher(setup: SweepSetup) -> str | None:
+    """Run id of a FINISHED teacher run trained from ``setup.teacher_cfg`` (by config hash), if any."""
     cfg = setup.teacher_cfg
     digest = teacher_hash(cfg)
     found = tracking.find_runs(setup.uri, cfg.tracking.experiment, {"encmm.config_hash": digest},
                                statuses=("FINISHED",))
+    if not found:
+        return None
+    print(f"[sweep] reusing teacher run {found[0].info.run_id} (hash {digest})", flush=True)
+    return found[0].info.run_id
+
+
+def ensure_teacher(setup: SweepSetup, address: str | None) -> str:
+    """Run id of a FINISHED teacher run for ``setup.teacher_cfg``: reused by hash, else trained now."""
+    from orchestrator.train_command import run_train
+
+    found = find_teacher(setup)
     if found:
-        print(f"[sweep] reusing teacher run {found[0].info.run_id} (hash {digest})", flush=True)
-        return found[0].info.run_id
+        return found
+    digest = teacher_hash(setup.teacher_cfg)
     print(f"[sweep] training the teacher (hash {digest}) before the students", flush=True)
-    result = run_train(cfg, setup.uri, address=address, tags={"encmm.config_hash": digest})
+    result = run_train(setup.teacher_cfg, setup.uri, address=address, tags={"encmm.config_hash": digest})
     return result["run_id"]
 
 
@@ -234,16 +245,18 @@ def build_plan(setup: SweepSetup, *, teacher_run_id: str | None, teacher_checkpo
     }
 
 
-def start_sweep(setup: SweepSetup, address: str | None) -> dict:
-    """Create the parent run and the plan (teacher trained or reused first); returns the plan."""
-    import ray
+@dataclass
+class SweepRun:
+    parent_run_id: str
+    sweep_dir: Path
+    teacher_run_id: str | None
+    teacher_checkpoint: str | None
 
+
+def open_sweep_run(setup: SweepSetup, teacher_run_id: str | None) -> SweepRun:
+    """The parent run (params, tags, the teacher's own mismatch metrics); a failure here ends it FAILED."""
     from orchestrator.mismatch import teacher_summary
-    from orchestrator.ray_cluster import init_ray
 
-    init_ray(address)
-    at_once = trials_at_once(setup, ray.cluster_resources())
-    teacher_run_id = ensure_teacher(setup, address) if setup.teacher_cfg is not None else None
     probe = setup.trials[0]
     if teacher_run_id:
         probe = TrainConfig.model_validate({**probe.model_dump(mode="json"),
@@ -258,14 +271,48 @@ def start_sweep(setup: SweepSetup, address: str | None) -> dict:
               "encmm.code_version": code_version()})
     tracking.close_runs_if_process_dies(setup.uri, [parent_run_id], children_of=[parent_run_id])
     try:
-        plan = build_plan(setup, teacher_run_id=teacher_run_id, teacher_checkpoint=teacher_checkpoint,
-                          parent_run_id=parent_run_id, sweep_dir=sweep_dir, max_concurrent=at_once)
-        tracking.log_artifact(setup.uri, parent_run_id, save_plan(plan))
         if probe.kd.uses_teacher:
             tracking.log_metrics(setup.uri, parent_run_id, teacher_summary(probe, teacher_checkpoint,
                                                                            setup.cfg.mismatch_images))
     except BaseException as exc:
         tracking.end_run(setup.uri, parent_run_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}")
+        raise
+    return SweepRun(parent_run_id, sweep_dir, teacher_run_id, teacher_checkpoint)
+
+
+def start_sweep(setup: SweepSetup, address: str | None) -> dict:
+    """Train or reuse the teacher, open the parent run, save the plan; returns the plan.
+
+    The MLflow side (the store, the parent run, the teacher's mismatch summary) runs in a thread while
+    this thread starts the Ray cluster: ``ray.init`` stays on the main thread, because Ray ties the
+    lifetime of the processes it starts to the thread that starts them.
+    """
+    import ray
+
+    from orchestrator.ray_cluster import init_ray
+
+    teacher_run_id = find_teacher(setup) if setup.teacher_cfg is not None else None
+    if setup.teacher_cfg is not None and teacher_run_id is None:
+        init_ray(address)
+        trials_at_once(setup, ray.cluster_resources())
+        teacher_run_id = ensure_teacher(setup, address)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        opening = pool.submit(open_sweep_run, setup, teacher_run_id)
+        try:
+            init_ray(address)
+            at_once = trials_at_once(setup, ray.cluster_resources())
+        except BaseException as exc:
+            if opening.exception() is None:
+                tracking.end_run(setup.uri, opening.result().parent_run_id, "FAILED",
+                                 error=f"{exc.__class__.__name__}: {exc}")
+            raise
+        opened = opening.result()
+    try:
+        plan = build_plan(setup, teacher_run_id=opened.teacher_run_id, teacher_checkpoint=opened.teacher_checkpoint,
+                          parent_run_id=opened.parent_run_id, sweep_dir=opened.sweep_dir, max_concurrent=at_once)
+        tracking.log_artifact(setup.uri, opened.parent_run_id, save_plan(plan))
+    except BaseException as exc:
+        tracking.end_run(setup.uri, opened.parent_run_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}")
         raise
     return plan
 
@@ -308,9 +355,12 @@ def run_sweep(plan: dict, *, resume: bool, address: str | None) -> tuple[list[di
         tracking.set_status(plan["uri"], plan["parent_run_id"], "RUNNING")
         tracking.close_runs_if_process_dies(plan["uri"], [plan["parent_run_id"]], children_of=[plan["parent_run_id"]])
     interrupted = False
+    started = time.time()
     try:
         tuner = build_tuner(plan, restore=resume)
         tuner.fit()
+        # Tune's own wall time (start-up, every trial's process, training, teardown): the bench's per-trial figure
+        tracking.log_metrics(plan["uri"], plan["parent_run_id"], {"time/tune_s": time.time() - started})
     except KeyboardInterrupt:
         interrupted = True
     except BaseException as exc:

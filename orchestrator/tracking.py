@@ -155,6 +155,7 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None =
 def close_runs_if_process_dies(uri: str, run_ids: list[str], children_of: list[str] | None = None) -> None:
     """Start a watchdog (``orchestrator.watchdog``) that ends these runs FAILED if this process dies
     with them still RUNNING (SIGKILL, OOM): no run is left RUNNING by a crash nothing could catch."""
+    import atexit
     import subprocess
     import sys
 
@@ -163,7 +164,11 @@ def close_runs_if_process_dies(uri: str, run_ids: list[str], children_of: list[s
         command += ["--run", run_id]
     for run_id in children_of or []:
         command += ["--children-of", run_id]
-    subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watchdog = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    # A process that exits on its own has closed its runs (finally/except blocks): no need to watch them.
+    # Only a death that skips atexit (SIGKILL, OOM) leaves the watchdog to act.
+    atexit.register(watchdog.kill)
 
 
 def get_run(uri: str, run_id: str):
