@@ -68,6 +68,23 @@ def test_unreadable_checkpoints_only_mean_starting_over(tmp_path):
     assert load_resume_checkpoint([junk, tmp_path / "missing.pt"]) is None
 
 
+def test_worker_mode_resume_falls_back_to_rays_previous_committed_checkpoint(tmp_path):
+    """Ray Train keeps `num_to_keep=2` committed checkpoints in the run folder: when the one
+    `get_checkpoint()` names is corrupt, the resume takes the newest older one."""
+    from trainables.engine import save_checkpoint
+    from trainables.ray_worker import CHECKPOINT_FILE, committed_checkpoints
+
+    folders = [tmp_path / f"checkpoint_2026-11-26_10-00-0{i}.000000" for i in range(3)]
+    for epoch, folder in enumerate(folders):
+        save_checkpoint({"epoch": epoch, "model": {}, "optimizer": {}}, folder / CHECKPOINT_FILE)
+    latest = folders[-1] / CHECKPOINT_FILE
+    latest.write_bytes(latest.read_bytes()[:100])
+    candidates = committed_checkpoints(tmp_path, latest)
+    assert candidates == [latest, folders[1] / CHECKPOINT_FILE, folders[0] / CHECKPOINT_FILE]
+    ckpt, path = load_resume_checkpoint(candidates)
+    assert ckpt["epoch"] == 1 and path == folders[1] / CHECKPOINT_FILE
+
+
 DISK_FULL_SCRIPT = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
@@ -209,6 +226,7 @@ class NetworkLink:
             sink.shutdown(socket.SHUT_WR)
 
 
+@pytest.mark.server
 def test_metrics_logged_while_the_mlflow_server_is_unreachable_reach_it_when_it_is_back(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -266,6 +284,7 @@ def test_unreachable_mlflow_server_at_start_is_a_one_line_error_before_any_work(
 
 
 # ------------------------------------------------------------------ an encmm process killed with SIGKILL
+@pytest.mark.server
 def test_runs_of_a_killed_process_end_failed_not_running(tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -211,6 +211,7 @@ def kill_groups(pids) -> None:
 
 # ------------------------------------------------------------------------------ 1. encmm ui on 127.0.0.1
 @needs_proc
+@pytest.mark.server
 def test_encmm_ui_serves_mlflow_on_127_0_0_1_only_by_default_and_ctrl_c_stops_it(shared_store, tmp_path):
     """``encmm ui`` as a user runs it (no ``--host``), in its own process: the server it starts answers
     ``/health`` on 127.0.0.1, and every socket encmm and its server processes listen on is loopback."""
