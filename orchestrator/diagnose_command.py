@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -192,7 +191,6 @@ def _encmm_model(path: Path, where: str):
 
 
 def _run_model(run_id: str, uri: str):
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # errors stay one line
     with tempfile.TemporaryDirectory(prefix="encmm-diagnose-") as folder:
         local = tracking.fetch_best_checkpoint(uri, run_id, folder, "--run")
         return _encmm_model(local, f"--run {run_id}")
@@ -253,10 +251,6 @@ def check_out_folder(folder: Path) -> None:
         raise ConfigError(f"--out: {existing} is not writable")
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:80] or "model"
-
-
 def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
     """Validate every input; create nothing. Raises ConfigError (one line) or TrackingError."""
     from analysis.saved_features import load_saved_features
@@ -315,7 +309,7 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
                       model_args=",".join(o.model_args) or None)
     params.update(model=label, data=data_label, images=num_images, layers=",".join(map(str, indices)))
     if out is None:
-        out = Path.cwd() / "diagnostics" / f"{_safe(label)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path.cwd() / "diagnostics" / f"{tracking.safe_name(label, 80, 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
     return DiagnosePlan(label=label, thresholds=thresholds, layer_indices=indices, num_images=num_images,
                         out=out.resolve(), uri=uri, experiment=o.experiment, params=params, options=o,
                         device=device, **plan_kwargs)
@@ -441,7 +435,7 @@ def run_diagnose(plan: DiagnosePlan, *, address: str | None = None) -> dict:
     from orchestrator.ray_cluster import init_ray
 
     init_ray(address)
-    run_name = f"diagnose-{_safe(plan.label)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = f"diagnose-{tracking.safe_name(plan.label, 80, 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"encmm.kind": "diagnose", "encmm.out": str(plan.out)}
     if plan.options.run:
         tags["encmm.source_run_id"] = plan.options.run

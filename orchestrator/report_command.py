@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -359,7 +358,6 @@ def build_report(record: SweepRecord, out: Path, work: Path) -> ReportResult:
 
 def run_report(name_or_id: str, out: str | None, tracking_uri: str | None) -> ReportResult:
     """Read the sweep from MLflow, write table + plots to ``out``, log them to the parent run under ``report/``."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     record = load_sweep(uri, name_or_id)
     # the default folder is one plain name under ./reports, whatever the sweep's tag says ('/', '..' -> '_')

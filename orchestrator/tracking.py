@@ -113,9 +113,9 @@ def ensure_experiment(uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location_for(uri, name))
 
 
-def safe_name(text: str) -> str:
+def safe_name(text: str, limit: int = 100, empty: str = "run") -> str:
     """One folder name from any text: never a path, never ``.`` or ``..``."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip(".")[:100] or "run"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip(".")[:limit] or empty
 
 
 def _param_value(value: Any) -> str:
@@ -176,7 +176,9 @@ def get_run(uri: str, run_id: str):
 
 
 def download_artifact(uri: str, run_id: str, path: str, dest: str | Path) -> Path:
-    """Fetch one artifact file of a run into ``dest`` (a folder); returns the local file."""
+    """Fetch one artifact file of a run into ``dest`` (a folder); returns the local file. No progress bar:
+    a CLI error after a failed download stays one line."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     Path(dest).mkdir(parents=True, exist_ok=True)
     return Path(_client(uri).download_artifacts(run_id, path, str(dest)))
 
