@@ -95,10 +95,10 @@ class Sampler:
 
 
 class InMemoryLoader:
-    """What ``train_one_epoch`` needs of a loader: ``sampler.set_epoch``, ``len`` and iteration."""
+    """What ``train_one_epoch`` needs of a loader: ``sampler.set_epoch``, ``dataset``, ``len`` and iteration."""
 
     def __init__(self, batches: list, steps: int):
-        self.batches, self.steps, self.sampler = batches, steps, Sampler()
+        self.batches, self.steps, self.sampler, self.dataset = batches, steps, Sampler(), None
 
     def __len__(self) -> int:
         return self.steps

@@ -1,0 +1,33 @@
+"""The device benchmarks still run against today's training core and spectra code (tiny sizes, CPU).
+
+A GPU session gets minutes of device time: the scripts in bench/ must not be what breaks there.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.mark.parametrize("preset", ["digits", "cait-deit"])
+def test_train_step_bench_runs_both_loops_and_reports_a_ratio(preset, tmp_path):
+    out = tmp_path / "train_step.json"
+    done = subprocess.run([sys.executable, str(BENCH / "bench_train_step.py"), "--presets", preset, "--steps", "2",
+                           "--repeats", "1", "--warmup", "1", "--threads", "1", "--batch-size", "4",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())["results"][0]
+    assert row["preset"] == preset and row["encmm_img_s"] > 0 and row["bare_img_s"] > 0 and row["ratio"] > 0
+
+
+def test_spectra_bench_checks_ranks_against_the_reference(tmp_path):
+    out = tmp_path / "spectra.json"
+    done = subprocess.run([sys.executable, str(BENCH / "bench_spectra.py"), "--images", "40", "--repeats", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "encmm-svd_rank" in done.stdout
