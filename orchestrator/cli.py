@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,6 +20,20 @@ TrackingOption = Annotated[Optional[str], typer.Option("--tracking-uri", help="M
 @app.callback()
 def _root() -> None:
     """encmm: encoding-mismatch experiments on timm ViTs, orchestrated by Ray, tracked in MLflow."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Class: message`` of what went wrong, on one line. Ray wraps a worker's exception in its own,
+    whose first line is only "Training failed due to worker errors:": the root cause is the first failed
+    worker's exception, and in a remote traceback its last ``...Error: ...`` line."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = failures[min(failures)]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b[^:]*: ", line)]
+    if raised:
+        return raised[-1]
+    return f"{exc.__class__.__name__}: {lines[0] if lines else ''}"
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -43,7 +58,7 @@ def train(config: Annotated[Optional[str], typer.Argument(help="YAML config (def
     except KeyboardInterrupt:
         fail("interrupted; the MLflow run is marked KILLED", 130)
     except Exception as exc:  # noqa: BLE001 - the run is already FAILED in MLflow; say why in one line
-        fail(f"training failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+        fail(f"training failed: {describe_error(exc)}", 1)
     typer.echo(f"run {result['run_id']} FINISHED: val/acc1 {result.get('val/acc1', float('nan')):.2f} "
                f"(best {result.get('best/val/acc1', float('nan')):.2f}) -> {result['run_dir']}")
 
@@ -79,13 +94,13 @@ def sweep(config: Annotated[Optional[str], typer.Argument(help="sweep YAML (defa
     except (ConfigError, TrackingError) as exc:
         fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - teacher training or set-up failed; its run is FAILED
-        fail(f"sweep set-up failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+        fail(f"sweep set-up failed: {describe_error(exc)}", 1)
     typer.echo(f"sweep {plan['name']}: parent run {plan['parent_run_id']} ({plan['total_trials']} trials, "
                f"{plan['max_concurrent_trials']} at once)")
     try:
         rows, best = sc.run_sweep(plan, resume=bool(resume), address=address)
     except Exception as exc:  # noqa: BLE001 - parent run already FAILED; one line for the user
-        fail(f"sweep failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+        fail(f"sweep failed: {describe_error(exc)}", 1)
     typer.echo((Path(plan["sweep_dir"]) / "summary.md").read_text())
     finished = [r for r in rows if r["status"] == "FINISHED"]
     if len(finished) < plan["total_trials"]:
@@ -140,7 +155,7 @@ def diagnose(
     except KeyboardInterrupt:
         fail("interrupted; the MLflow run is marked KILLED", 130)
     except Exception as exc:  # noqa: BLE001 - the run is already FAILED in MLflow; say why in one line
-        fail(f"diagnose failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+        fail(f"diagnose failed: {describe_error(exc)}", 1)
     typer.echo(result["summary"])
 
 
@@ -158,7 +173,7 @@ def report(sweep: Annotated[str, typer.Argument(help="sweep name (tag encmm.swee
     except (ConfigError, TrackingError) as exc:
         fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - one line for the user
-        fail(f"report failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+        fail(f"report failed: {describe_error(exc)}", 1)
     typer.echo(result.text)
     typer.echo(f"wrote {len(result.files)} files to {result.out} (also on the parent run under report/)")
 

@@ -153,6 +153,29 @@ def test_corrupt_image_is_skipped_and_counted_when_configured(tmp_path):
     assert [m["data/skipped_images"] for m in history] == [1.0, 1.0]
 
 
+@pytest.mark.ray
+def test_corrupt_image_fails_encmm_train_with_one_line_naming_the_file(ray_cluster, tmp_path, monkeypatch):
+    """Through the CLI and a Ray Train worker actor: the worker's error reaches the user as its own line."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    bad = make_image_folder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = ["data.name=imagefolder", f"data.root={tmp_path / 'images'}", "data.img_size=16", "data.batch_size=4",
+            "student.width=32", "student.depth=2", "student.head_dim=16", "student.patch_size=4",
+            "schedule.epochs=1", "schedule.warmup_epochs=0", "resources.max_failures=0",
+            "resources.cpus_per_worker=0.5"]
+    result = CliRunner().invoke(app, ["train", "--tracking-uri", uri, *[x for s in sets for x in ("--set", s)]])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("encmm: error:")]
+    assert len(lines) == 1 and f"BadImageError: cannot decode image {bad}" in lines[0], result.stderr[-2000:]
+    [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("encmm").experiment_id])
+    assert run.info.status == "FAILED" and str(bad) in run.data.tags["encmm.error"]
+
+
 # ------------------------------------------------------------------ MLflow server going away mid-run
 def free_port() -> int:
     with socket.socket() as sock:
