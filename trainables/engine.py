@@ -225,7 +225,8 @@ def train_one_epoch(state: TrainingState, epoch: int) -> dict[str, float]:
         state.scheduler.step_update(num_updates=state.num_updates)
         if state.ema is not None:
             state.ema.update(state.core.student, step=state.num_updates)
-        # Accumulate on device: no host sync inside the step.
+        # Accumulate on device: no host sync inside the step (the stop-mode NaN check below reads one
+        # flag every NONFINITE_CHECK_EVERY steps; skip mode reads one per step, as it must decide).
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() * len(labels)
         seen += len(labels)
