@@ -149,17 +149,18 @@ def find_teacher(setup: SweepSetup) -> str | None:
     return found[0].info.run_id
 
 
-def ensure_teacher(setup: SweepSetup, address: str | None) -> str:
-    """Run id of a FINISHED teacher run for ``setup.teacher_cfg``: reused by hash, else trained now."""
+def train_teacher(setup: SweepSetup, address: str | None) -> str:
+    """Train ``setup.teacher_cfg`` now (tagged with its config hash); returns the FINISHED run's id."""
     from orchestrator.train_command import run_train
 
-    found = find_teacher(setup)
-    if found:
-        return found
     digest = teacher_hash(setup.teacher_cfg)
     print(f"[sweep] training the teacher (hash {digest}) before the students", flush=True)
-    result = run_train(setup.teacher_cfg, setup.uri, address=address, tags={"encmm.config_hash": digest})
-    return result["run_id"]
+    return run_train(setup.teacher_cfg, setup.uri, address=address, tags={"encmm.config_hash": digest})["run_id"]
+
+
+def ensure_teacher(setup: SweepSetup, address: str | None) -> str:
+    """Run id of a FINISHED teacher run for ``setup.teacher_cfg``: reused by hash, else trained now."""
+    return find_teacher(setup) or train_teacher(setup, address)
 
 
 def summarize(plan: dict) -> tuple[list[dict], dict | None]:
@@ -295,7 +296,7 @@ def start_sweep(setup: SweepSetup, address: str | None) -> dict:
     if setup.teacher_cfg is not None and teacher_run_id is None:
         init_ray(address)
         trials_at_once(setup, ray.cluster_resources())
-        teacher_run_id = ensure_teacher(setup, address)
+        teacher_run_id = train_teacher(setup, address)
     with ThreadPoolExecutor(max_workers=1) as pool:
         opening = pool.submit(open_sweep_run, setup, teacher_run_id)
         try:

@@ -346,12 +346,13 @@ def previous_checkpoint(path: Path) -> Path:
 
 
 def load_resume_checkpoint(candidates: list[Path]) -> tuple[dict, Path] | None:
-    """The first readable checkpoint of ``candidates`` (newest first), or None when none is.
+    """The first readable checkpoint of ``candidates`` (newest first), each followed by the file it
+    replaced (``<name>.prev``, see :func:`save_checkpoint`), or None when none is readable.
 
     A truncated or corrupt file is reported and skipped, so a run resumes from the previous good
     checkpoint instead of failing (or, with no good one left, starts over).
     """
-    for path in candidates:
+    for path in (p for candidate in candidates for p in (candidate, previous_checkpoint(candidate))):
         if not path.is_file():
             continue
         try:
@@ -396,8 +397,7 @@ def fit(cfg: TrainConfig, *, log: LogFn | None = None, checkpoint_dir: str | Pat
                            teacher_checkpoint=teacher_checkpoint)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start = 0
-    if folder is not None and (found := load_resume_checkpoint([folder / "last.pt",
-                                                                previous_checkpoint(folder / "last.pt")])):
+    if folder is not None and (found := load_resume_checkpoint([folder / "last.pt"])):
         start = restore_state(state, found[0])
 
     def save(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from trainables.config import TrainConfig
 from trainables.engine import NonFiniteLossError, TrainingState, checkpoint_state, load_resume_checkpoint, \
-    previous_checkpoint, resolve_device, restore_state, run_epochs, save_checkpoint, setup_training
+    resolve_device, restore_state, run_epochs, save_checkpoint, setup_training
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HEALTH_CHECK_INTERVAL_S = 0.5  # Ray Train default 2.0; a missed poll only counts after 10 min
@@ -79,7 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
     if local:  # one process, no DDP: the engine's own device choice (Ray sets CUDA_VISIBLE_DEVICES if any)
         state = setup_training(cfg, device=resolve_device(cfg.resources.gpus_per_worker),
                                teacher_checkpoint=config.get("teacher_checkpoint"))
-        found = load_resume_checkpoint([run_dir / CHECKPOINT_FILE, previous_checkpoint(run_dir / CHECKPOINT_FILE)])
+        found = load_resume_checkpoint([run_dir / CHECKPOINT_FILE])
     else:
         device = ray.train.torch.get_device()
         state = setup_training(cfg, device=device, teacher_checkpoint=config.get("teacher_checkpoint"),
