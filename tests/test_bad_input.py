@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from orchestrator import tracking
 from orchestrator.cli import app
-from tests.test_config_errors import tree
+from tests.test_config_errors import Outcome, tree
 
 REPO = Path(__file__).resolve().parents[1]
 UNKNOWN_RUN = "0123456789abcdef0123456789abcdef"
@@ -243,19 +243,6 @@ def all_runs(db: Path) -> dict[str, str]:
     return {r.info.run_id: r.info.status for r in client.search_runs(experiments, run_view_type=ViewType.ALL)}
 
 
-@dataclass
-class Outcome:
-    exit_code: int
-    stdout: str
-    stderr: str
-    exception: BaseException | None
-    expect: tuple[str, ...]
-    created: set[str]
-    store_created: bool
-    runs_before: dict[str, str] | None
-    runs_after: dict[str, str] | None
-
-
 def invoke(case: Case, workdir: Path, store_template: tuple[Path, dict[str, str]]) -> Outcome:
     db = workdir / "mlflow.db"
     values = {"tmp": str(workdir), **store_template[1]}
@@ -275,9 +262,10 @@ def invoke(case: Case, workdir: Path, store_template: tuple[Path, dict[str, str]
             args += ["--tracking-uri", f"sqlite:///{db}"]
         result = CliRunner().invoke(app, args)
         created = tree(workdir) - before
-    return Outcome(result.exit_code, result.stdout, result.stderr, result.exception,
-                   tuple(e.format(**values) for e in case.expect), created,
-                   not store_existed and db.exists(), runs_before, all_runs(db) if case.store else None)
+    return Outcome(result.exit_code, result.stdout, result.stderr, result.exception, created,
+                   expect=tuple(e.format(**values) for e in case.expect),
+                   store_created=not store_existed and db.exists(),
+                   runs_before=runs_before, runs_after=all_runs(db) if case.store else None)
 
 
 @pytest.fixture(scope="module")

@@ -92,11 +92,16 @@ def tree(root: Path) -> set[str]:
 
 @dataclass
 class Outcome:
+    """What one bad-input invocation did (also used by test_bad_input, whose cases may start from a store)."""
     exit_code: int
     stdout: str
     stderr: str
     exception: BaseException | None
     created: set[str]
+    expect: tuple[str, ...] = ()
+    store_created: bool = False
+    runs_before: dict[str, str] | None = None
+    runs_after: dict[str, str] | None = None
 
 
 def invoke(case: Case, workdir: Path) -> Outcome:
