@@ -86,13 +86,28 @@ def float32_gram(x: torch.Tensor) -> torch.Tensor:
 
 REFERENCE = "numpy-loop-f64"
 METHODS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "encmm-svd_rank": lambda x: svd_rank(x, THRESHOLDS),  # float64 Gram + eigvalsh
+    "encmm-svd_rank": lambda x: svd_rank(x, THRESHOLDS),  # float64 Gram + eigvalsh, on x's device
     "svdvals-f32": torch_svdvals(torch.float32),
     "svdvals-f64": torch_svdvals(torch.float64),
     "gram-f32-eigvalsh": float32_gram,
     "svdvals-gesvda-f32": torch_svdvals(torch.float32, "gesvda"),  # CUDA only
     "svdvals-gesvda-f64": torch_svdvals(torch.float64, "gesvda"),  # CUDA only
 }
+
+
+def on_host(ranks) -> np.ndarray:
+    """A method's ranks as a numpy array, wherever they were computed."""
+    return ranks.cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
+
+
+def hard_set_mismatches(method: Callable[[torch.Tensor], torch.Tensor], hard: torch.Tensor,
+                        reference: np.ndarray) -> int | str:
+    """Images of the hard set whose ranks differ from the reference, or why the method gave none
+    (cuSOLVER's gesvda refuses rank-deficient batches: "failed to converge")."""
+    try:
+        return int((on_host(method(hard)) != reference).any(-1).sum())
+    except torch.linalg.LinAlgError as exc:
+        return "error: " + str(exc).split("): ", 1)[-1].split(" because")[0]  # "The algorithm failed to converge"
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
@@ -120,7 +135,7 @@ def measure_layer(x: torch.Tensor, numpy_images: int, methods: dict, repeats: in
             seconds, outputs[name] = timed(run, device)
             best[name] = min(best[name], seconds)
     reference = outputs[REFERENCE]
-    differ = {name: int((np.asarray(outputs[name])[:numpy_images] != reference).any(-1).sum()) for name in runs}
+    differ = {name: int((on_host(outputs[name])[:numpy_images] != reference).any(-1).sum()) for name in runs}
     return {name: (best[name], differ[name]) for name in runs}
 
 
@@ -173,8 +188,7 @@ def main() -> None:
 
     hard = make_hard_set(min(args.images, 400), args.tokens, args.channels).to(device)
     hard_reference = numpy_loop(hard.cpu().numpy())
-    hard_mismatched = {name: int((np.asarray(method(hard)) != hard_reference).any(-1).sum())
-                       for name, method in methods.items()}
+    hard_mismatched = {name: hard_set_mismatches(method, hard, hard_reference) for name, method in methods.items()}
     hard_mismatched[REFERENCE] = 0
 
     baseline = totals[REFERENCE]

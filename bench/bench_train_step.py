@@ -330,6 +330,62 @@ def bench_case(preset: Preset, device: torch.device, *, compile_on: bool, precis
     }
 
 
+def profile_case(preset: Preset, device: torch.device, *, compile_on: bool, precision: str, steps: int,
+                 warmup: int, path: Path) -> None:
+    """torch.profiler over ``steps`` encmm steps after ``warmup``: the top kernels by device time, and
+    the same for the bare loop, written to ``path`` (where a KD step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with tempfile.TemporaryDirectory() as tmp:
+        state = build_encmm_state(preset, device, compile_on, precision, Path(tmp), steps)
+    batches = make_batches(preset, device, 4, channels_last=False)
+    bare = make_bare_step(state, device, compile_on, channels_last=False)
+    time_encmm(state, batches, warmup, epoch=0)
+    time_bare(bare, batches, warmup, device)
+    tables = []
+    for side, run in (("encmm", lambda: time_encmm(state, batches, steps, epoch=1)),
+                      ("bare", lambda: time_bare(bare, batches, steps, device))):
+        with profile(activities=activities) as prof:
+            seconds = run()
+        table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+        tables.append(f"== {side}, compile={'on' if compile_on else 'off'}: {steps} steps in {seconds:.3f} s "
+                      f"({steps * preset.batch_size / seconds:,.0f} img/s under the profiler)\n{table}")
+    tables.append(time_teacher_alone(state, batches, steps, compile_on))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(tables))
+    print(tables[-1])
+    print(f"wrote {path}")
+
+
+def time_teacher_alone(state, batches, steps: int, compile_on: bool) -> str:
+    """The frozen teacher's forward alone: under the run's autocast (as encmm runs it), and with its
+    weights and input cast to bf16 outside autocast (softmax and norms then read/write bf16)."""
+    device = state.device
+    teacher_bf16 = copy.deepcopy(state.teacher).to(torch.bfloat16)
+    if compile_on:
+        teacher_bf16.compile()
+    lines = []
+    for label, module, cast in (("autocast", state.teacher, None), ("bf16 weights", teacher_bf16, torch.bfloat16)):
+        def forward(x):
+            if cast is None:
+                with engine._autocast(state):  # the engine's own autocast for this state
+                    return module(x)
+            with torch.autocast(device.type, enabled=False):
+                return module(x.to(cast))
+        for i in range(5):
+            forward(batches[i % len(batches)][0])
+        synchronize(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            forward(batches[i % len(batches)][0])
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        lines.append(f"teacher forward alone, {label}: {steps * len(batches[0][0]) / seconds:,.0f} img/s")
+    return "\n".join(lines)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -349,6 +405,8 @@ def parse_args() -> argparse.Namespace:
                         help=f"nominal peak for the fraction; default {H100_BF16_DENSE_TFLOPS:g} (H100 bf16 dense) "
                              "on cuda, none on cpu")
     parser.add_argument("--no-measure-peak", action="store_true", help="cuda: skip the 8192^3 bf16 matmul peak")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="instead of timing: write torch.profiler's top kernels for each preset/mode here")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -393,6 +451,12 @@ def main() -> None:
         if args.batch_size:
             preset = dataclasses.replace(preset, batch_size=args.batch_size)
         for compile_on in modes:
+            if args.profile:
+                profile_case(preset, device, compile_on=compile_on, precision=args.precision,
+                             steps=args.steps or preset.steps, warmup=args.warmup,
+                             path=args.profile.with_name(f"{args.profile.stem}-{name}-"
+                                                         f"{'compiled' if compile_on else 'eager'}.txt"))
+                continue
             row = bench_case(preset, device, compile_on=compile_on, precision=args.precision,
                              steps=args.steps or preset.steps, warmup=args.warmup, repeats=args.repeats,
                              channels_last=args.channels_last)
@@ -403,6 +467,8 @@ def main() -> None:
             results.append(row)
             print(f"  {name} compile={'on' if compile_on else 'off'}: encmm {row['encmm_img_s']:,.0f} img/s, "
                   f"bare {row['bare_img_s']:,.0f} img/s, ratio {row['ratio']:.3f}", flush=True)
+    if args.profile:
+        return
     header = ["preset", "device", "compile", "dtype", "batch", "encmm img/s", "bare img/s", "ratio (>=1.0)",
               "pair ratios min-max", "GFLOP/img", "encmm TFLOP/s"]
     if args.peak_tflops:

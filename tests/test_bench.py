@@ -31,3 +31,13 @@ def test_spectra_bench_checks_ranks_against_the_reference(tmp_path):
                            "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "encmm-svd_rank" in done.stdout
+
+
+def test_train_step_profile_writes_where_the_step_time_goes(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "bench_train_step.py"), "--presets", "digits", "--steps", "2",
+                           "--warmup", "1", "--threads", "1", "--profile", str(tmp_path / "profile.txt")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "profile-digits-eager.txt").read_text()
+    assert "== encmm, compile=off" in text and "== bare, compile=off" in text
+    assert "aten::addmm" in text and "teacher forward alone, autocast:" in text
