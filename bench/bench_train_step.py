@@ -42,6 +42,8 @@ from trainables import engine  # noqa: E402
 from trainables.config import TrainConfig  # noqa: E402
 from trainables.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle  # noqa: E402
 
+from folded_attention import FoldedTalkingHeadAttn, fold_talking_heads  # noqa: E402  (bench/, this folder)
+
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM5 datasheet, bf16 dense (no sparsity); H200: same chip, same figure
 
 
@@ -285,13 +287,30 @@ def measure_matmul_peak(device: torch.device, dtype=torch.bfloat16, n: int = 819
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
 
 
+def fold_teacher_attention(state) -> tuple[int, float]:
+    """``--teacher-attention folded``: swap the encmm teacher's talking-heads blocks (before its first,
+    compiling, call) and check the first one against timm's forward on random tokens under the run's
+    autocast. Returns (blocks swapped, relative error)."""
+    blocks = fold_talking_heads(state.teacher)
+    first = next((m for m in state.teacher.modules() if type(m) is FoldedTalkingHeadAttn), None)
+    if first is None:
+        return 0, 0.0
+    param = next(first.parameters())
+    tokens = torch.randn(8, 196, first.qkv.in_features, device=param.device)
+    with torch.no_grad(), engine._autocast(state):
+        folded = FoldedTalkingHeadAttn.forward(first, tokens).float()
+        timm_out = super(FoldedTalkingHeadAttn, first).forward(tokens).float()
+    return blocks, float((folded - timm_out).norm() / timm_out.norm())
+
+
 def bench_case(preset: Preset, device: torch.device, *, compile_on: bool, precision: str, steps: int,
-               warmup: int, repeats: int, channels_last: bool) -> dict:
+               warmup: int, repeats: int, channels_last: bool, teacher_attention: str = "timm") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         state = build_encmm_state(preset, device, compile_on, precision, Path(tmp), steps)
     batches = make_batches(preset, device, 4, channels_last)
     flops = count_step_flops(state, batches, device)
-    bare = make_bare_step(state, device, compile_on, channels_last)
+    bare = make_bare_step(state, device, compile_on, channels_last)  # timm's blocks: copied before any swap
+    folded_blocks, folded_error = fold_teacher_attention(state) if teacher_attention == "folded" else (0, 0.0)
     if channels_last:
         state.core.to(memory_format=torch.channels_last)
         state.teacher.to(memory_format=torch.channels_last)
@@ -319,6 +338,8 @@ def bench_case(preset: Preset, device: torch.device, *, compile_on: bool, precis
         "preset": preset.name, "device": device.type, "compile": compile_on, "precision": precision,
         "autocast_dtype": str(state.autocast_dtype) if state.autocast_dtype else "fp32",
         "channels_last": channels_last, "batch_size": preset.batch_size, "img_size": preset.img_size,
+        "teacher_attention": teacher_attention, "folded_blocks": folded_blocks,
+        "folded_block_relative_error": folded_error,
         "steps_per_pass": steps, "repeats": repeats,
         "encmm_img_s": encmm_ips, "bare_img_s": bare_ips, "ratio": statistics.median(pair_ratios),
         "ratio_of_medians": encmm_ips / bare_ips, "encmm_img_s_all": encmm_rates, "bare_img_s_all": bare_rates,
@@ -405,6 +426,9 @@ def parse_args() -> argparse.Namespace:
                         help=f"nominal peak for the fraction; default {H100_BF16_DENSE_TFLOPS:g} (H100 bf16 dense) "
                              "on cuda, none on cpu")
     parser.add_argument("--no-measure-peak", action="store_true", help="cuda: skip the 8192^3 bf16 matmul peak")
+    parser.add_argument("--teacher-attention", choices=["timm", "folded"], default="timm",
+                        help="encmm side only: 'folded' swaps CaiT's talking-heads blocks for the experiment in "
+                             "bench/folded_attention.py (the bare loop keeps timm's)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="instead of timing: write torch.profiler's top kernels for each preset/mode here")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
@@ -459,14 +483,16 @@ def main() -> None:
                 continue
             row = bench_case(preset, device, compile_on=compile_on, precision=args.precision,
                              steps=args.steps or preset.steps, warmup=args.warmup, repeats=args.repeats,
-                             channels_last=args.channels_last)
+                             channels_last=args.channels_last, teacher_attention=args.teacher_attention)
             if args.peak_tflops:
                 row["encmm_peak_fraction"] = row["encmm_tflops"] / args.peak_tflops
             if measured_peak:
                 row["encmm_measured_peak_fraction"] = row["encmm_tflops"] / measured_peak
             results.append(row)
+            folded = (f" (teacher attention folded in {row['folded_blocks']} blocks, block rel. error "
+                      f"{row['folded_block_relative_error']:.1e})" if row["folded_blocks"] else "")
             print(f"  {name} compile={'on' if compile_on else 'off'}: encmm {row['encmm_img_s']:,.0f} img/s, "
-                  f"bare {row['bare_img_s']:,.0f} img/s, ratio {row['ratio']:.3f}", flush=True)
+                  f"bare {row['bare_img_s']:,.0f} img/s, ratio {row['ratio']:.3f}{folded}", flush=True)
     if args.profile:
         return
     header = ["preset", "device", "compile", "dtype", "batch", "encmm img/s", "bare img/s", "ratio (>=1.0)",

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared device check for a lent GPU machine (torch + timm installed; no Ray, no MLflow, no internet):
-# the GPU path of the training core (CaiT-S24 -> DeiT-Tiny KD step vs the bare loop, eager, then compiled)
-# and of the diagnostics math (1,000 images x 24 layers of 196x384). About 4 minutes on an H100 (session 3).
+# the GPU path of the training core (CaiT-S24 -> DeiT-Tiny KD step vs the bare loop: eager, compiled, and
+# compiled with the teacher's talking-heads attention folded, the experiment in bench/folded_attention.py)
+# and of the diagnostics math (1,000 images x 24 layers of 196x384). About 4 minutes on an H100 (session 3)
+# without the folded stage, which was added afterwards (~2 more minutes expected; not run yet).
 # Each stage has its own time limit, so a slow or failing stage still leaves the others' results.
 #
 #   bash bench/gpu_check.sh            # results in ${OUT:-bench/results}
@@ -37,6 +39,8 @@ stage train_step_eager 120 python3 bench/bench_train_step.py --device cuda --com
     --json "$out/train_step_eager.json"
 stage train_step_compiled 230 python3 bench/bench_train_step.py --device cuda --compile on --steps 30 --repeats 3 \
     --json "$out/train_step_compiled.json"
+stage train_step_compiled_folded 200 python3 bench/bench_train_step.py --device cuda --compile on --steps 30 \
+    --repeats 3 --teacher-attention folded --json "$out/train_step_compiled_folded.json"
 stage spectra 130 python3 bench/bench_spectra.py --full --device cuda --repeats 1 \
     --methods encmm-svd_rank,svdvals-gesvda-f32,svdvals-gesvda-f64 --json "$out/spectra_cuda.json"
 exit $status

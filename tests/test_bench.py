@@ -41,3 +41,15 @@ def test_train_step_profile_writes_where_the_step_time_goes(tmp_path):
     text = (tmp_path / "profile-digits-eager.txt").read_text()
     assert "== encmm, compile=off" in text and "== bare, compile=off" in text
     assert "aten::addmm" in text and "teacher forward alone, autocast:" in text
+
+
+def test_folded_teacher_attention_experiment_computes_timms_block(tmp_path):
+    out = tmp_path / "train_step.json"
+    done = subprocess.run([sys.executable, str(BENCH / "bench_train_step.py"), "--presets", "cait-deit", "--steps", "1",
+                           "--repeats", "1", "--warmup", "1", "--threads", "1", "--batch-size", "2",
+                           "--teacher-attention", "folded", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())["results"][0]
+    assert row["folded_blocks"] == 24  # every talking-heads block of CaiT-S24
+    assert row["folded_block_relative_error"] < 1e-5  # fp32 on the CPU: the same function
