@@ -252,6 +252,7 @@ def time_encmm(state, batches, steps: int, epoch: int) -> float:
 
 
 def time_bare(step, batches, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step(x, y)`` over ``batches``, device work included."""
     synchronize(device)
     start = time.perf_counter()
     for i in range(steps):
@@ -295,22 +296,32 @@ def fold_teacher_attention(state) -> tuple[int, float]:
     first = next((m for m in state.teacher.modules() if type(m) is FoldedTalkingHeadAttn), None)
     if first is None:
         return 0, 0.0
-    param = next(first.parameters())
-    tokens = torch.randn(8, 196, first.qkv.in_features, device=param.device)
+    tokens = torch.randn(8, 196, first.qkv.in_features, device=state.device)
     with torch.no_grad(), engine._autocast(state):
-        folded = FoldedTalkingHeadAttn.forward(first, tokens).float()
-        timm_out = super(FoldedTalkingHeadAttn, first).forward(tokens).float()
+        folded = first(tokens).float()
+        timm_out = super(FoldedTalkingHeadAttn, first).forward(tokens).float()  # timm's own forward
     return blocks, float((folded - timm_out).norm() / timm_out.norm())
+
+
+def prepare_sides(preset: Preset, device: torch.device, *, compile_on: bool, precision: str, steps: int,
+                  channels_last: bool, teacher_attention: str):
+    """encmm's state, the pre-made batches and the bare step; with ``teacher_attention="folded"`` the
+    encmm teacher's blocks are swapped after the bare loop copied timm's. Returns
+    (state, batches, bare step, (folded blocks, folded block relative error))."""
+    with tempfile.TemporaryDirectory() as tmp:
+        state = build_encmm_state(preset, device, compile_on, precision, Path(tmp), steps)
+    batches = make_batches(preset, device, 4, channels_last)
+    bare = make_bare_step(state, device, compile_on, channels_last)  # timm's blocks: copied before any swap
+    folded = fold_teacher_attention(state) if teacher_attention == "folded" else (0, 0.0)
+    return state, batches, bare, folded
 
 
 def bench_case(preset: Preset, device: torch.device, *, compile_on: bool, precision: str, steps: int,
                warmup: int, repeats: int, channels_last: bool, teacher_attention: str = "timm") -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        state = build_encmm_state(preset, device, compile_on, precision, Path(tmp), steps)
-    batches = make_batches(preset, device, 4, channels_last)
-    flops = count_step_flops(state, batches, device)
-    bare = make_bare_step(state, device, compile_on, channels_last)  # timm's blocks: copied before any swap
-    folded_blocks, folded_error = fold_teacher_attention(state) if teacher_attention == "folded" else (0, 0.0)
+    state, batches, bare, (folded_blocks, folded_error) = prepare_sides(
+        preset, device, compile_on=compile_on, precision=precision, steps=steps, channels_last=channels_last,
+        teacher_attention=teacher_attention)
+    flops = count_step_flops(state, batches, device)  # a fresh eager bare step: timm's blocks
     if channels_last:
         state.core.to(memory_format=torch.channels_last)
         state.teacher.to(memory_format=torch.channels_last)
@@ -352,17 +363,15 @@ def bench_case(preset: Preset, device: torch.device, *, compile_on: bool, precis
 
 
 def profile_case(preset: Preset, device: torch.device, *, compile_on: bool, precision: str, steps: int,
-                 warmup: int, path: Path) -> None:
+                 warmup: int, path: Path, teacher_attention: str = "timm") -> None:
     """torch.profiler over ``steps`` encmm steps after ``warmup``: the top kernels by device time, and
     the same for the bare loop, written to ``path`` (where a KD step's time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    with tempfile.TemporaryDirectory() as tmp:
-        state = build_encmm_state(preset, device, compile_on, precision, Path(tmp), steps)
-    batches = make_batches(preset, device, 4, channels_last=False)
-    bare = make_bare_step(state, device, compile_on, channels_last=False)
+    state, batches, bare, _ = prepare_sides(preset, device, compile_on=compile_on, precision=precision,
+                                            steps=steps, channels_last=False, teacher_attention=teacher_attention)
     time_encmm(state, batches, warmup, epoch=0)
     time_bare(bare, batches, warmup, device)
     tables = []
@@ -389,20 +398,14 @@ def time_teacher_alone(state, batches, steps: int, compile_on: bool) -> str:
         teacher_bf16.compile()
     lines = []
     for label, module, cast in (("autocast", state.teacher, None), ("bf16 weights", teacher_bf16, torch.bfloat16)):
-        def forward(x):
+        def forward(x, _labels=None):  # the (x, y) step shape ``time_bare`` calls
             if cast is None:
                 with engine._autocast(state):  # the engine's own autocast for this state
                     return module(x)
             with torch.autocast(device.type, enabled=False):
                 return module(x.to(cast))
-        for i in range(5):
-            forward(batches[i % len(batches)][0])
-        synchronize(device)
-        start = time.perf_counter()
-        for i in range(steps):
-            forward(batches[i % len(batches)][0])
-        synchronize(device)
-        seconds = time.perf_counter() - start
+        time_bare(forward, batches, 5, device)  # warm-up (compiles the bf16 copy)
+        seconds = time_bare(forward, batches, steps, device)
         lines.append(f"teacher forward alone, {label}: {steps * len(batches[0][0]) / seconds:,.0f} img/s")
     return "\n".join(lines)
 
@@ -478,6 +481,7 @@ def main() -> None:
             if args.profile:
                 profile_case(preset, device, compile_on=compile_on, precision=args.precision,
                              steps=args.steps or preset.steps, warmup=args.warmup,
+                             teacher_attention=args.teacher_attention,
                              path=args.profile.with_name(f"{args.profile.stem}-{name}-"
                                                          f"{'compiled' if compile_on else 'eager'}.txt"))
                 continue
