@@ -42,7 +42,13 @@ from trainables import engine  # noqa: E402
 from trainables.config import TrainConfig  # noqa: E402
 from trainables.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle  # noqa: E402
 
+from timm.models.cait import TalkingHeadAttn  # noqa: E402
+from trainables.teacher import FusedTalkingHeadAttn  # noqa: E402
+
 from folded_attention import FoldedTalkingHeadAttn, fold_talking_heads  # noqa: E402  (bench/, this folder)
+
+# --teacher-attention -> the encmm teacher's ``fused_attention`` setting ("folded": timm's blocks, then swapped)
+TEACHER_ATTENTION = {"auto": "auto", "fused": "on", "timm": "off", "folded": "off"}
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM5 datasheet, bf16 dense (no sparsity); H200: same chip, same figure
 
@@ -133,10 +139,11 @@ def train_config(preset: Preset, *, teacher: dict, kd: dict, device: str, compil
                       "compile": compile_mode}})
 
 
-def make_teacher_source(preset: Preset, folder: Path, device: torch.device) -> dict:
+def make_teacher_source(preset: Preset, folder: Path, device: torch.device, fused_attention: str = "auto") -> dict:
     """``teacher`` section for the preset: a timm name, or an encmm checkpoint of the teacher geometry."""
     if "timm" in preset.teacher:
-        return {"source": "timm", "model": preset.teacher["timm"], "pretrained": False}
+        return {"source": "timm", "model": preset.teacher["timm"], "pretrained": False,
+                "fused_attention": fused_attention}
     geometry = Preset(preset.name, student=preset.teacher, teacher={}, img_size=preset.img_size,
                       batch_size=preset.batch_size, num_classes=preset.num_classes, kd={})
     cfg = train_config(geometry, teacher={"source": "none"}, kd={}, device="cpu", compile_mode="off",
@@ -149,8 +156,8 @@ def make_teacher_source(preset: Preset, folder: Path, device: torch.device) -> d
 
 
 def build_encmm_state(preset: Preset, device: torch.device, compile_on: bool, precision: str, folder: Path,
-                      steps: int):
-    teacher = make_teacher_source(preset, folder, device)
+                      steps: int, fused_attention: str = "auto"):
+    teacher = make_teacher_source(preset, folder, device, fused_attention)
     cfg = train_config(preset, teacher=teacher, kd=preset.kd, device=device.type,
                        compile_mode="on" if compile_on else "off", precision=precision)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if "timm" in preset.teacher else ((0.5,) * 3, (0.5,) * 3)
@@ -167,6 +174,9 @@ def bare_parts(state, device: torch.device):
     projector = copy.deepcopy(state.core.projector) if state.core.projector is not None else None
     teacher = state.teacher.model
     teacher = copy.deepcopy(getattr(teacher, "backbone", teacher)).eval().requires_grad_(False)
+    for module in teacher.modules():  # the baseline is timm's own attention, whatever encmm's teacher runs
+        if isinstance(module, TalkingHeadAttn):
+            module.__class__ = TalkingHeadAttn
     params = list(student.parameters()) + (list(projector.parameters()) if projector is not None else [])
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **fused)
@@ -288,37 +298,40 @@ def measure_matmul_peak(device: torch.device, dtype=torch.bfloat16, n: int = 819
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def fold_teacher_attention(state) -> tuple[int, float]:
-    """``--teacher-attention folded``: swap the encmm teacher's talking-heads blocks (before its first,
-    compiling, call) and check the first one against timm's forward on random tokens under the run's
-    autocast. Returns (blocks swapped, relative error)."""
-    blocks = fold_talking_heads(state.teacher)
-    first = next((m for m in state.teacher.modules() if type(m) is FoldedTalkingHeadAttn), None)
-    if first is None:
+def teacher_attention_check(state) -> tuple[int, float]:
+    """How many of the encmm teacher's talking-heads blocks run something other than timm's forward (fused
+    or folded), and the first one's relative error against timm's forward on random tokens under the run's
+    autocast. Returns (blocks, relative error); (0, 0.0) when the teacher runs timm's blocks."""
+    swapped = [m for m in state.teacher.modules() if type(m) in (FusedTalkingHeadAttn, FoldedTalkingHeadAttn)]
+    if not swapped:
         return 0, 0.0
-    tokens = torch.randn(8, 196, first.qkv.in_features, device=state.device)
+    first = swapped[0]
+    tokens = torch.randn(8, 197, first.qkv.in_features, device=state.device)
     with torch.no_grad(), engine._autocast(state):
-        folded = first(tokens).float()
-        timm_out = super(FoldedTalkingHeadAttn, first).forward(tokens).float()  # timm's own forward
-    return blocks, float((folded - timm_out).norm() / timm_out.norm())
+        swapped_out = first(tokens).float()
+        timm_out = TalkingHeadAttn.forward(first, tokens).float()  # timm's own forward, same parameters
+    return len(swapped), float((swapped_out - timm_out).norm() / timm_out.norm())
 
 
 def prepare_sides(preset: Preset, device: torch.device, *, compile_on: bool, precision: str, steps: int,
                   channels_last: bool, teacher_attention: str):
-    """encmm's state, the pre-made batches and the bare step; with ``teacher_attention="folded"`` the
-    encmm teacher's blocks are swapped after the bare loop copied timm's. Returns
-    (state, batches, bare step, (folded blocks, folded block relative error))."""
+    """encmm's state, the pre-made batches and the bare step (always timm's attention). The encmm teacher
+    runs what ``teacher_attention`` says (``TEACHER_ATTENTION``; "folded" swaps its blocks for the bench
+    experiment before the first, compiling, call). Returns (state, batches, bare step,
+    (swapped blocks, first swapped block's relative error))."""
     with tempfile.TemporaryDirectory() as tmp:
-        state = build_encmm_state(preset, device, compile_on, precision, Path(tmp), steps)
+        state = build_encmm_state(preset, device, compile_on, precision, Path(tmp), steps,
+                                  fused_attention=TEACHER_ATTENTION[teacher_attention])
     batches = make_batches(preset, device, 4, channels_last)
-    bare = make_bare_step(state, device, compile_on, channels_last)  # timm's blocks: copied before any swap
-    folded = fold_teacher_attention(state) if teacher_attention == "folded" else (0, 0.0)
-    return state, batches, bare, folded
+    bare = make_bare_step(state, device, compile_on, channels_last)
+    if teacher_attention == "folded":
+        fold_talking_heads(state.teacher)
+    return state, batches, bare, teacher_attention_check(state)
 
 
 def bench_case(preset: Preset, device: torch.device, *, compile_on: bool, precision: str, steps: int,
-               warmup: int, repeats: int, channels_last: bool, teacher_attention: str = "timm") -> dict:
-    state, batches, bare, (folded_blocks, folded_error) = prepare_sides(
+               warmup: int, repeats: int, channels_last: bool, teacher_attention: str = "auto") -> dict:
+    state, batches, bare, (swapped_blocks, swapped_error) = prepare_sides(
         preset, device, compile_on=compile_on, precision=precision, steps=steps, channels_last=channels_last,
         teacher_attention=teacher_attention)
     flops = count_step_flops(state, batches, device)  # a fresh eager bare step: timm's blocks
@@ -349,8 +362,8 @@ def bench_case(preset: Preset, device: torch.device, *, compile_on: bool, precis
         "preset": preset.name, "device": device.type, "compile": compile_on, "precision": precision,
         "autocast_dtype": str(state.autocast_dtype) if state.autocast_dtype else "fp32",
         "channels_last": channels_last, "batch_size": preset.batch_size, "img_size": preset.img_size,
-        "teacher_attention": teacher_attention, "folded_blocks": folded_blocks,
-        "folded_block_relative_error": folded_error,
+        "teacher_attention": teacher_attention, "swapped_attention_blocks": swapped_blocks,
+        "swapped_block_relative_error": swapped_error,
         "steps_per_pass": steps, "repeats": repeats,
         "encmm_img_s": encmm_ips, "bare_img_s": bare_ips, "ratio": statistics.median(pair_ratios),
         "ratio_of_medians": encmm_ips / bare_ips, "encmm_img_s_all": encmm_rates, "bare_img_s_all": bare_rates,
@@ -363,7 +376,7 @@ def bench_case(preset: Preset, device: torch.device, *, compile_on: bool, precis
 
 
 def profile_case(preset: Preset, device: torch.device, *, compile_on: bool, precision: str, steps: int,
-                 warmup: int, path: Path, teacher_attention: str = "timm") -> None:
+                 warmup: int, path: Path, teacher_attention: str = "auto") -> None:
     """torch.profiler over ``steps`` encmm steps after ``warmup``: the top kernels by device time, and
     the same for the bare loop, written to ``path`` (where a KD step's time goes)."""
     from torch.profiler import ProfilerActivity, profile
@@ -429,9 +442,10 @@ def parse_args() -> argparse.Namespace:
                         help=f"nominal peak for the fraction; default {H100_BF16_DENSE_TFLOPS:g} (H100 bf16 dense) "
                              "on cuda, none on cpu")
     parser.add_argument("--no-measure-peak", action="store_true", help="cuda: skip the 8192^3 bf16 matmul peak")
-    parser.add_argument("--teacher-attention", choices=["timm", "folded"], default="timm",
-                        help="encmm side only: 'folded' swaps CaiT's talking-heads blocks for the experiment in "
-                             "bench/folded_attention.py (the bare loop keeps timm's)")
+    parser.add_argument("--teacher-attention", choices=list(TEACHER_ATTENTION), default="auto",
+                        help="encmm side only (the bare loop keeps timm's blocks): its teacher.fused_attention "
+                             "setting (auto = fused on cuda; 'fused', 'timm'), or 'folded' for the experiment in "
+                             "bench/folded_attention.py")
     parser.add_argument("--profile", type=Path, default=None,
                         help="instead of timing: write torch.profiler's top kernels for each preset/mode here")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
@@ -493,8 +507,9 @@ def main() -> None:
             if measured_peak:
                 row["encmm_measured_peak_fraction"] = row["encmm_tflops"] / measured_peak
             results.append(row)
-            folded = (f" (teacher attention folded in {row['folded_blocks']} blocks, block rel. error "
-                      f"{row['folded_block_relative_error']:.1e})" if row["folded_blocks"] else "")
+            folded = (f" (encmm teacher: {row['swapped_attention_blocks']} {args.teacher_attention} attention "
+                      f"blocks, block rel. error {row['swapped_block_relative_error']:.1e})"
+                      if row["swapped_attention_blocks"] else "")
             print(f"  {name} compile={'on' if compile_on else 'off'}: encmm {row['encmm_img_s']:,.0f} img/s, "
                   f"bare {row['bare_img_s']:,.0f} img/s, ratio {row['ratio']:.3f}{folded}", flush=True)
     if args.profile:

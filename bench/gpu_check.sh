@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One prepared device check for a lent GPU machine (torch + timm installed; no Ray, no MLflow, no internet):
-# the GPU path of the training core (CaiT-S24 -> DeiT-Tiny KD step vs the bare loop: eager, compiled, and
-# compiled with the teacher's talking-heads attention folded, the experiment in bench/folded_attention.py)
-# and of the diagnostics math (1,000 images x 24 layers of 196x384). About 4 minutes on an H100 (session 3)
-# without the folded stage, which was added afterwards (~2 more minutes expected; not run yet).
-# Each stage has its own time limit, so a slow or failing stage still leaves the others' results.
+# - teacher_forward: the CaiT-S24 teacher's forward with timm's and encmm's fused talking-heads attention,
+#   eager and compiled (bench/bench_teacher_forward.py; its CPU default also times the bench's folded one);
+# - train_step_compiled / train_step_eager: the CaiT-S24 -> DeiT-Tiny KD step, encmm against the bare timm
+#   loop (bench/bench_train_step.py), encmm's teacher running whichever attention was faster compiled;
+# - spectra: the diagnostics math on 1,000 images x 24 layers of 196x384.
+# Each stage has its own time limit, so a slow or failing stage still leaves the others' results; the
+# limits add up to ~12 minutes, the stages took ~6-7 minutes on an H100 (BENCHMARKS.md, section 5).
 #
-#   bash bench/gpu_check.sh            # results in ${OUT:-bench/results}
+#   bash bench/gpu_check.sh                                         # results in ${OUT:-bench/results}
+#   STAGES="teacher_forward train_step_compiled" bash bench/gpu_check.sh   # some stages only
 #
 # Python packages missing there (pydantic; timm pinned to the version tested here) travel as wheels in
 # .whl/ (git-ignored), made on this machine with
@@ -35,12 +38,22 @@ stage() {  # stage NAME SECONDS COMMAND...
     tail -n 12 "$out/$name.log"
     echo "== $name: $((SECONDS - t0)) s"
 }
-stage train_step_eager 120 python3 bench/bench_train_step.py --device cuda --compile off --steps 30 --repeats 3 \
-    --json "$out/train_step_eager.json"
-stage train_step_compiled 230 python3 bench/bench_train_step.py --device cuda --compile on --steps 30 --repeats 3 \
-    --json "$out/train_step_compiled.json"
-stage train_step_compiled_folded 200 python3 bench/bench_train_step.py --device cuda --compile on --steps 30 \
-    --repeats 3 --teacher-attention folded --json "$out/train_step_compiled_folded.json"
-stage spectra 130 python3 bench/bench_spectra.py --full --device cuda --repeats 1 \
-    --methods encmm-svd_rank,svdvals-gesvda-f32,svdvals-gesvda-f64 --json "$out/spectra_cuda.json"
+teacher_attention() {  # the faster compiled teacher forward of the teacher_forward stage: fused, else timm
+    python3 -c "import json, sys; r = {(x['variant'], x['compile']): x['img_s'] for x in \
+json.load(open(sys.argv[1]))['results']}; print('fused' if r[('fused', True)] >= r[('timm', True)] else 'timm')" \
+        "$out/teacher_forward.json" 2>/dev/null || echo auto
+}
+for name in ${STAGES:-teacher_forward train_step_compiled train_step_eager spectra}; do
+    case $name in
+    teacher_forward) stage teacher_forward 200 python3 bench/bench_teacher_forward.py --device cuda --compile both \
+        --variants timm,fused --steps 20 --repeats 3 --json "$out/teacher_forward.json" ;;
+    train_step_compiled) stage train_step_compiled 240 python3 bench/bench_train_step.py --device cuda --compile on \
+        --steps 30 --repeats 3 --teacher-attention "$(teacher_attention)" --json "$out/train_step_compiled.json" ;;
+    train_step_eager) stage train_step_eager 110 python3 bench/bench_train_step.py --device cuda --compile off \
+        --steps 30 --repeats 3 --teacher-attention "$(teacher_attention)" --json "$out/train_step_eager.json" ;;
+    spectra) stage spectra 130 python3 bench/bench_spectra.py --full --device cuda --repeats 1 \
+        --methods encmm-svd_rank,svdvals-gesvda-f32,svdvals-gesvda-f64 --json "$out/spectra_cuda.json" ;;
+    *) echo "!! unknown stage $name"; status=1 ;;
+    esac
+done
 exit $status

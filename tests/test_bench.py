@@ -43,13 +43,25 @@ def test_train_step_profile_writes_where_the_step_time_goes(tmp_path):
     assert "aten::addmm" in text and "teacher forward alone, autocast:" in text
 
 
-def test_folded_teacher_attention_experiment_computes_timms_block(tmp_path):
+@pytest.mark.parametrize("attention", ["fused", "folded"])
+def test_swapped_teacher_attention_computes_timms_block(attention, tmp_path):
     out = tmp_path / "train_step.json"
     done = subprocess.run([sys.executable, str(BENCH / "bench_train_step.py"), "--presets", "cait-deit", "--steps", "1",
                            "--repeats", "1", "--warmup", "1", "--threads", "1", "--batch-size", "2",
-                           "--teacher-attention", "folded", "--json", str(out)], capture_output=True, text=True,
+                           "--teacher-attention", attention, "--json", str(out)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(out.read_text())["results"][0]
-    assert row["folded_blocks"] == 24  # every talking-heads block of CaiT-S24
-    assert row["folded_block_relative_error"] < 1e-5  # fp32 on the CPU: the same function
+    assert row["swapped_attention_blocks"] == 24  # every talking-heads block of CaiT-S24
+    assert row["swapped_block_relative_error"] < 1e-5  # fp32 on the CPU: the same function
+
+
+def test_teacher_forward_bench_times_every_attention_variant(tmp_path):
+    out = tmp_path / "teacher_forward.json"
+    done = subprocess.run([sys.executable, str(BENCH / "bench_teacher_forward.py"), "--img-size", "32",
+                           "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows.keys() == {"timm", "fused", "fused-expanded", "folded"} and all(r["img_s"] > 0 for r in rows.values())
+    assert all(r["block_rel_error_fp32"] < 1e-5 for name, r in rows.items() if name != "timm")

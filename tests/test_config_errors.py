@@ -191,3 +191,20 @@ def test_preflight_accepts_only_teachers_that_can_take_the_student_batch():
                             img_size=cfg.data.img_size, load_weights=False)
     logits, tokens = teacher(torch.zeros(1, 3, cfg.data.img_size, cfg.data.img_size))  # what training feeds it
     assert tokens.shape[1] == (cfg.data.img_size // cfg.student.patch_size) ** 2
+
+
+@pytest.mark.parametrize("written,expected", [("on", "on"), ("off", "off"), ("auto", "auto"), ("'on'", "on")])
+def test_bare_on_and_off_mean_the_switch_not_a_boolean(written, expected):
+    """YAML 1.1 reads ``on``/``off`` as booleans; ``--set resources.compile=on`` must still mean "on"."""
+    from trainables.config import load_train_config
+
+    cfg = load_train_config(None, [f"resources.compile={written}", f"resources.local_mode={written}",
+                                   f"teacher.fused_attention={written}"])
+    assert (cfg.resources.compile, cfg.resources.local_mode, cfg.teacher.fused_attention) == (expected,) * 3
+
+
+def test_a_switch_still_rejects_other_values_in_one_line():
+    from trainables.config import load_train_config
+
+    with pytest.raises(ConfigError, match=r"^<defaults>: resources.compile: Input should be 'auto', 'on' or 'off'"):
+        load_train_config(None, ["resources.compile=1"])

@@ -8,10 +8,10 @@ boundaries (Ray workers) pass ``model_dump(mode="json")`` and validate again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -20,6 +20,14 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _yaml_switch(value: Any) -> Any:
+    """YAML 1.1 reads a bare ``on`` / ``off`` (``--set resources.compile=on``) as a boolean."""
+    return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
+
+
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 
 
 class DataConfig(_Strict):
@@ -97,6 +105,9 @@ class TeacherConfig(_Strict):
     run_id: str | None = Field(None, description="MLflow run of an encmm training run (source=run)")
     img_size: int | None = Field(None, gt=0, description="override the timm teacher's input size")
     block: int = Field(-1, description="teacher block whose patch tokens are distilled (-1 = last)")
+    fused_attention: Switch = Field(
+        "auto", description="CaiT teachers: run talking-heads attention as one fused scaled-dot-product attention "
+                            "(same weights, same function; BENCHMARKS.md section 5); auto = on CUDA")
 
     @model_validator(mode="after")
     def _check_source(self) -> "TeacherConfig":
@@ -144,9 +155,9 @@ class ResourcesConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: int = Field(0, ge=0, description="whole GPUs only")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: Literal["auto", "on", "off"] = "auto"
+    compile: Switch = "auto"
     max_failures: int = Field(3, ge=0, description="worker failures tolerated (resume from last checkpoint)")
-    local_mode: Literal["auto", "on", "off"] = Field(
+    local_mode: Switch = Field(
         "auto", description="Ray Train local mode: the single worker runs inside the calling process (the Tune "
                             "trial driver, or `encmm train` itself) instead of a worker actor, with no Train "
                             "controller start-up; auto = on for 1 worker without GPUs in a sweep (Tune retries a "

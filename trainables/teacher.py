@@ -9,6 +9,8 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models.cait import TalkingHeadAttn
 from torch import nn
 
 from trainables.config import StudentConfig, TeacherConfig
@@ -58,6 +60,52 @@ class FrozenTeacher(nn.Module):
     @property
     def feature_width(self) -> int:
         return teacher_feature_width(self.model)
+
+
+class FusedTalkingHeadAttn(TalkingHeadAttn):
+    """timm's CaiT talking-heads attention as one fused scaled-dot-product attention, for a frozen teacher.
+
+    timm mixes the H heads of every attention entry with ``proj_l`` before the softmax and ``proj_w``
+    after it, as Linear(H, H) layers on permuted ``[B, N, N, H]`` copies of the attention maps. Both
+    mixings fold into the attention inputs instead, so the maps never leave the fused kernel:
+
+        logits_g = sum_h Wl[g,h] q_h k_h^T (+ bl_g, which the softmax cancels) = Q_g K^T,
+            Q_g = [Wl[g,0] q_0 | ... | Wl[g,H-1] q_{H-1}],  K = [k_0 | ... | k_{H-1}]   (inner dim C)
+        out_f = sum_g Ww[f,g] P_g v_f + bw_f 1^T v_f,  P_g v_f = block f of  P_g V,  V = [v_0 | ... | v_{H-1}]
+
+    i.e. one ``scaled_dot_product_attention`` of width C = H*d (the H mixed queries stacked as rows), then a
+    weighted sum over g.
+    H times the FLOPs of the two attention matmuls, in exchange for no pass over the mixed maps. Same
+    parameters and state-dict keys as timm's block and, in eval mode, the same function.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h, d = self.num_heads, c // self.num_heads
+        q, k, v = self.qkv(x).reshape(b, n, 3, h, d).unbind(2)  # [B, N, H, d] each
+        mix_l = self.proj_l.weight.to(q.dtype)  # [G, H]
+        # The G mixed queries of one image all attend to the same keys: stack them as G*N query rows of one
+        # head, so K and V are read once, not expanded per head.
+        q_mixed = (mix_l[:, None, :, None] * q[:, None]).reshape(b, 1, h * n, c)  # rows (g, n), cols (h, d)
+        mixed = F.scaled_dot_product_attention(q_mixed, k.reshape(b, 1, n, c), v.reshape(b, 1, n, c),
+                                               scale=self.scale)  # [B, 1, G*N, C]: block f of row (g, n) = P_g v_f
+        mix_w = self.proj_w.weight.to(mixed.dtype).t()  # [G, F]
+        out = (mixed.reshape(b, h, n, h, d) * mix_w[None, :, None, :, None]).sum(1)  # [B, N, F, d]
+        out = out + self.proj_w.bias.to(out.dtype)[:, None] * v.sum(1, keepdim=True)
+        return self.proj_drop(self.proj(out.reshape(b, n, c)))
+
+
+def fuse_talking_heads(model: nn.Module, attention: type[TalkingHeadAttn] = FusedTalkingHeadAttn) -> int:
+    """Swap timm's talking-heads blocks inside ``model`` for ``attention`` (a subclass computing the same
+    function from the same parameters) in place: same parameters, same state dict. Only for inference:
+    blocks that would apply attention dropout are left alone. Returns how many were swapped (0 for a model
+    without talking heads, e.g. every non-CaiT)."""
+    swapped = 0
+    for module in model.modules():
+        if type(module) is TalkingHeadAttn and (not module.training or module.attn_drop.p == 0):
+            module.__class__ = attention
+            swapped += 1
+    return swapped
 
 
 def teacher_feature_width(model: nn.Module) -> int:
