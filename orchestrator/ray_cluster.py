@@ -1,6 +1,7 @@
 """Connecting to Ray: a local cluster by default, or the one ``--address`` / ``RAY_ADDRESS`` names."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 
@@ -27,6 +28,7 @@ def init_ray(address: str | None = None) -> None:
     else:
         with _loopback_node_ip():
             ray.init(address="local", dashboard_host="127.0.0.1", **kwargs)
+        atexit.register(_kill_monitor_first)  # last in, first out: runs before the ray.shutdown Ray registered
 
 
 def _running_cluster() -> str | None:
@@ -60,3 +62,14 @@ def _loopback_node_ip():
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _kill_monitor_first() -> None:
+    """At exit, before Ray's own shutdown: SIGKILL the autoscaler monitor of the local cluster this process
+    started. Ray's shutdown stops the GCS first, then gives the monitor 1 s to exit on SIGTERM, which it
+    spends trying to report its own end to that GCS, and then SIGKILLs it anyway: 1 s per command."""
+    from ray._private import ray_constants, worker
+
+    node = getattr(worker, "_global_node", None)
+    for info in getattr(node, "all_processes", {}).get(getattr(ray_constants, "PROCESS_TYPE_MONITOR", None), []):
+        info.process.kill()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,10 @@ from orchestrator import tracking
 from orchestrator.sweep_config import trial_config_dict
 from trainables.config import TrainConfig, flatten
 
-PLAN_FILE = "sweep.json"
 METRIC = "val/acc1"
+# Set in the sweep's driver once Tune has started a trial's process (and when Tune is done): the driver's
+# own background work waits for it, so that it does not slow down Tune's start on a small machine.
+TRIAL_STARTED = threading.Event()
 
 
 def param_space(search: dict) -> dict[str, Any]:
@@ -130,6 +132,7 @@ class SweepProgress(tune.Callback):
               f"{pending} pending, {counts['failed']} failed | best {METRIC} {best}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        TRIAL_STARTED.set()
         self.state[trial.trial_id] = "running"
         self._print()
 
@@ -197,17 +200,3 @@ def build_tuner(plan: dict, *, restore: bool = False) -> tune.Tuner:
                                   callbacks=[SweepProgress(plan, plan["total_trials"])]),
     )
 
-
-def save_plan(plan: dict) -> Path:
-    path = Path(plan["sweep_dir"]) / PLAN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plan, indent=2, sort_keys=True))
-    return path
-
-
-def load_plan(sweep_dir: Path) -> dict:
-    return json.loads((sweep_dir / PLAN_FILE).read_text())
-
-
-def timestamped(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

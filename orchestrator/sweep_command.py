@@ -16,15 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import tracking
-from orchestrator.sweep import build_tuner, load_plan, save_plan, timestamped
+from orchestrator.sweep_plan import load_plan, save_plan, timestamped
 from orchestrator.train_command import resolve_teacher_checkpoint
-from orchestrator.sweep_config import SweepConfig, grid_points, load_sweep_config, validate_trials
+from orchestrator.sweep_config import SearchSpace, SweepConfig, grid_points, load_sweep_config, trial_config_dict, \
+    validate_trials
 from trainables.config import ConfigError, TrainConfig, absolutize_paths, flatten, load_train_config, \
     with_absolute_paths
 from trainables.preflight import check_train_config
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 DEFAULT_SWEEP = EXPERIMENTS_DIR / "digits.yaml"
+TEACHER_SUMMARY_WAIT_S = 60.0  # the longest the teacher's summary waits for Tune to start a trial
 
 
 @dataclass
@@ -255,9 +257,7 @@ class SweepRun:
 
 
 def open_sweep_run(setup: SweepSetup, teacher_run_id: str | None) -> SweepRun:
-    """The parent run (params, tags, the teacher's own mismatch metrics); a failure here ends it FAILED."""
-    from orchestrator.mismatch import teacher_summary
-
+    """The parent run (params, tags); the teacher's own mismatch metrics follow in :func:`run_sweep`."""
     probe = setup.trials[0]
     if teacher_run_id:
         probe = TrainConfig.model_validate({**probe.model_dump(mode="json"),
@@ -271,22 +271,15 @@ def open_sweep_run(setup: SweepSetup, teacher_run_id: str | None) -> SweepRun:
         tags={"encmm.kind": "sweep", "encmm.sweep_name": sweep_dir.name, "encmm.sweep_dir": str(sweep_dir),
               "encmm.code_version": code_version()})
     tracking.close_runs_if_process_dies(setup.uri, [parent_run_id], children_of=[parent_run_id])
-    try:
-        if probe.kd.uses_teacher:
-            tracking.log_metrics(setup.uri, parent_run_id, teacher_summary(probe, teacher_checkpoint,
-                                                                           setup.cfg.mismatch_images))
-    except BaseException as exc:
-        tracking.end_run(setup.uri, parent_run_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}")
-        raise
     return SweepRun(parent_run_id, sweep_dir, teacher_run_id, teacher_checkpoint)
 
 
 def start_sweep(setup: SweepSetup, address: str | None) -> dict:
     """Train or reuse the teacher, open the parent run, save the plan; returns the plan.
 
-    The MLflow side (the store, the parent run, the teacher's mismatch summary) runs in a thread while
-    this thread starts the Ray cluster: ``ray.init`` stays on the main thread, because Ray ties the
-    lifetime of the processes it starts to the thread that starts them.
+    The MLflow side (the store, the parent run), then the import of Ray Tune, run in a thread while this
+    thread starts the Ray cluster: ``ray.init`` stays on the main thread, because Ray ties the lifetime of
+    the processes it starts to the thread that starts them, and it mostly waits for them.
     """
     import ray
 
@@ -299,6 +292,7 @@ def start_sweep(setup: SweepSetup, address: str | None) -> dict:
         teacher_run_id = train_teacher(setup, address)
     with ThreadPoolExecutor(max_workers=1) as pool:
         opening = pool.submit(open_sweep_run, setup, teacher_run_id)
+        pool.submit(import_tune_side)
         try:
             init_ray(address)
             at_once = trials_at_once(setup, ray.cluster_resources())
@@ -316,6 +310,49 @@ def start_sweep(setup: SweepSetup, address: str | None) -> dict:
         tracking.end_run(setup.uri, opened.parent_run_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}")
         raise
     return plan
+
+
+def import_tune_side() -> None:
+    """Import Ray Tune (``orchestrator.sweep``, ~1.5 s of CPU) while ``ray.init`` waits on the processes it
+    starts, instead of before validation ends; should this fail, ``run_sweep`` imports it again and says why."""
+    import orchestrator.sweep  # noqa: F401
+
+
+def first_trial_config(plan: dict) -> TrainConfig:
+    """The sweep's first trial config (first grid point, sampled axes at their first bound), from the plan."""
+    space = SearchSpace.model_validate(plan["search"])
+    bounds = {key: axis.extremes()[0] for key, axis in space.sample.items()}
+    return TrainConfig.model_validate(trial_config_dict(plan["base"], {**grid_points(space)[0], **bounds}))
+
+
+def log_teacher_summary(plan: dict, resume: bool) -> None:
+    """The teacher's own mismatch metrics (``teacher/*``) on the parent run, to compare with the trials'.
+
+    Runs in a thread of the sweep's driver, from when Tune has started the first trial's process (whose
+    imports take a core for seconds) to before the summary table, instead of holding up the start of the
+    sweep. A failure costs only these metrics: it is printed and tagged on the parent run
+    (``encmm.teacher_summary_error``), and the sweep goes on.
+    """
+    from orchestrator.mismatch import teacher_summary
+    from orchestrator.sweep import TRIAL_STARTED
+
+    TRIAL_STARTED.wait(timeout=TEACHER_SUMMARY_WAIT_S)
+    try:
+        probe = first_trial_config(plan)
+        if not probe.kd.uses_teacher or (resume and has_teacher_summary(plan)):
+            return
+        tracking.log_metrics(plan["uri"], plan["parent_run_id"],
+                             teacher_summary(probe, plan.get("teacher_checkpoint"), plan["mismatch_images"]))
+    except Exception as exc:  # noqa: BLE001 - the trials do not depend on it: say why, keep the sweep going
+        error = f"{exc.__class__.__name__}: {exc}"
+        print(f"encmm: warning: the teacher's mismatch metrics (teacher/*) were not logged: {error}", flush=True)
+        tracking.set_tags(plan["uri"], plan["parent_run_id"], {"encmm.teacher_summary_error": error[:5000]})
+
+
+def has_teacher_summary(plan: dict) -> bool:
+    """Whether the parent run has the ``teacher/*`` metrics already (a resumed sweep that logged them)."""
+    metrics = tracking.get_run(plan["uri"], plan["parent_run_id"]).data.metrics
+    return any(key.startswith("teacher/") for key in metrics)
 
 
 def code_version() -> str:
@@ -356,15 +393,29 @@ def run_sweep(plan: dict, *, resume: bool, address: str | None) -> tuple[list[di
         tracking.set_status(plan["uri"], plan["parent_run_id"], "RUNNING")
         tracking.close_runs_if_process_dies(plan["uri"], [plan["parent_run_id"]], children_of=[plan["parent_run_id"]])
     interrupted = False
-    started = time.time()
     try:
-        tuner = build_tuner(plan, restore=resume)
-        tuner.fit()
-        # Tune's own wall time (start-up, every trial's process, training, teardown): the bench's per-trial figure
-        tracking.log_metrics(plan["uri"], plan["parent_run_id"], {"time/tune_s": time.time() - started})
+        from orchestrator.sweep import TRIAL_STARTED
+
+        TRIAL_STARTED.clear()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(log_teacher_summary, plan, resume)  # alongside Tune; joined before the summary table
+            try:
+                fit_tuner(plan, resume)
+            finally:
+                TRIAL_STARTED.set()  # no trial left to start (all done on resume, or Tune stopped): go now
     except KeyboardInterrupt:
         interrupted = True
     except BaseException as exc:
         tracking.end_run(plan["uri"], plan["parent_run_id"], "FAILED", error=f"{exc.__class__.__name__}: {exc}")
         raise
     return finish_sweep(plan, interrupted)
+
+
+def fit_tuner(plan: dict, resume: bool) -> None:
+    """Build and fit the Tuner, then log Tune's own wall time (start-up, every trial's process, training,
+    teardown) on the parent run: the bench's per-trial figure."""
+    from orchestrator.sweep import build_tuner
+
+    started = time.time()
+    build_tuner(plan, restore=resume).fit()
+    tracking.log_metrics(plan["uri"], plan["parent_run_id"], {"time/tune_s": time.time() - started})
