@@ -19,7 +19,7 @@ import torch
 from timm.models.cait import TalkingHeadAttn
 from torch import nn
 
-from trainables.teacher import fuse_talking_heads
+from trainables.teacher import FusedTalkingHeadAttn, fuse_talking_heads
 
 
 class FoldedTalkingHeadAttn(TalkingHeadAttn):
@@ -43,24 +43,15 @@ class FoldedTalkingHeadAttn(TalkingHeadAttn):
         return self.proj_drop(self.proj(x))
 
 
-class ExpandedSdpaTalkingHeadAttn(TalkingHeadAttn):
+class ExpandedSdpaTalkingHeadAttn(FusedTalkingHeadAttn):
     """encmm's ``FusedTalkingHeadAttn`` as first written: the same fold into one SDPA, but with the H mixed
     queries as H heads and K, V expanded to them (stride 0) instead of stacked as rows of one head.
     Kept to measure that layout choice (bench_teacher_forward.py, variant ``fused-expanded``)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        h, d = self.num_heads, c // self.num_heads
-        q, k, v = self.qkv(x).reshape(b, n, 3, h, d).unbind(2)  # [B, N, H, d] each
-        mix_l = self.proj_l.weight.to(q.dtype)  # [G, H]
-        q_mixed = (mix_l[:, None, :, None] * q[:, None]).reshape(b, h, n, c)  # [B, G, N, H*d]
-        k_all = k.reshape(b, 1, n, c).expand(b, h, n, c)
-        v_all = v.reshape(b, 1, n, c).expand(b, h, n, c)
-        mixed = torch.nn.functional.scaled_dot_product_attention(q_mixed, k_all, v_all, scale=self.scale)
-        mix_w = self.proj_w.weight.to(mixed.dtype).t()  # [G, F]
-        out = (mixed.reshape(b, h, n, h, d) * mix_w[None, :, None, :, None]).sum(1)  # [B, N, F, d]
-        out = out + self.proj_w.bias.to(out.dtype)[:, None] * v.sum(1, keepdim=True)
-        return self.proj_drop(self.proj(out.reshape(b, n, c)))
+    def attend(self, q_mixed: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+        b, g, n, c = q_mixed.shape
+        return torch.nn.functional.scaled_dot_product_attention(
+            q_mixed, k_all.expand(b, g, n, c), v_all.expand(b, g, n, c), scale=self.scale)
 
 
 def fold_talking_heads(model: nn.Module) -> int:

@@ -18,8 +18,8 @@ from pathlib import Path
 from orchestrator import tracking
 from orchestrator.sweep_plan import load_plan, save_plan, timestamped
 from orchestrator.train_command import resolve_teacher_checkpoint
-from orchestrator.sweep_config import SearchSpace, SweepConfig, grid_points, load_sweep_config, trial_config_dict, \
-    validate_trials
+from orchestrator.sweep_config import SearchSpace, SweepConfig, bound_points, grid_points, load_sweep_config, \
+    trial_config_dict, validate_trials
 from trainables.config import ConfigError, TrainConfig, absolutize_paths, flatten, load_train_config, \
     with_absolute_paths
 from trainables.preflight import check_train_config
@@ -320,9 +320,8 @@ def import_tune_side() -> None:
 
 def first_trial_config(plan: dict) -> TrainConfig:
     """The sweep's first trial config (first grid point, sampled axes at their first bound), from the plan."""
-    space = SearchSpace.model_validate(plan["search"])
-    bounds = {key: axis.extremes()[0] for key, axis in space.sample.items()}
-    return TrainConfig.model_validate(trial_config_dict(plan["base"], {**grid_points(space)[0], **bounds}))
+    point = bound_points(SearchSpace.model_validate(plan["search"]))[0]
+    return TrainConfig.model_validate(trial_config_dict(plan["base"], point))
 
 
 def log_teacher_summary(plan: dict, resume: bool) -> None:

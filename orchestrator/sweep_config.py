@@ -133,17 +133,21 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> t
     return cfg, path.parent.resolve()
 
 
+def bound_points(search: SearchSpace) -> list[dict]:
+    """Every grid point with the sampled axes at each combination of their bounds: the trials to check."""
+    bounds = [dict(zip(search.sample, values))
+              for values in itertools.product(*(axis.extremes() for axis in search.sample.values()))] or [{}]
+    return [{**point, **extreme} for point in grid_points(search) for extreme in bounds]
+
+
 def validate_trials(cfg: SweepConfig, source: str) -> list[TrainConfig]:
     """Every grid point (sampled axes at their bounds) must be a valid TrainConfig: fail before any work."""
     configs = []
-    for point in grid_points(cfg.search):
-        bounds = [dict(zip(cfg.search.sample, values))
-                  for values in itertools.product(*(axis.extremes() for axis in cfg.search.sample.values()))] or [{}]
-        for extreme in bounds:
-            try:
-                tree = trial_config_dict(cfg.base, {**point, **extreme})
-            except ValueError as exc:
-                raise ConfigError(f"{source}: search: axis {exc}") from None
-            label = ", ".join(f"{k}={v}" for k, v in {**point, **extreme}.items()) or "base"
-            configs.append(validate_model(TrainConfig, tree, f"{source} [trial {label}]"))
+    for point in bound_points(cfg.search):
+        try:
+            tree = trial_config_dict(cfg.base, point)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: search: axis {exc}") from None
+        label = ", ".join(f"{k}={v}" for k, v in point.items()) or "base"
+        configs.append(validate_model(TrainConfig, tree, f"{source} [trial {label}]"))
     return configs

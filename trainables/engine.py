@@ -121,7 +121,7 @@ def setup_training(cfg: TrainConfig, *, device: torch.device, teacher_checkpoint
     if cfg.kd.uses_teacher:
         teacher = build_teacher(cfg.teacher, student_mean=data.mean, student_std=data.std,
                                 checkpoint_path=teacher_checkpoint, img_size=cfg.data.img_size).to(device)
-        if cfg.teacher.fused_attention == "on" or (cfg.teacher.fused_attention == "auto" and device.type == "cuda"):
+        if switched_on(cfg.teacher.fused_attention, device):
             fuse_talking_heads(teacher.model)  # CaiT: its head mixing took ~44% of a compiled KD step on an H100
     target_width = resolve_target_width(cfg, teacher)
     torch.manual_seed(cfg.seed)  # same init on every rank and on resume, whatever was built before
@@ -150,7 +150,7 @@ def setup_training(cfg: TrainConfig, *, device: torch.device, teacher_checkpoint
 
     use_bf16 = cfg.resources.precision == "bf16" or (cfg.resources.precision == "auto" and device.type == "cuda")
     distiller: nn.Module = wrap_model(core) if wrap_model else core
-    if cfg.resources.compile == "on" or (cfg.resources.compile == "auto" and device.type == "cuda"):
+    if switched_on(cfg.resources.compile, device):
         distiller = torch.compile(distiller)
         if teacher is not None:
             teacher.compile()  # in place (same module, same state dict): its forward is most of a KD step
@@ -163,6 +163,12 @@ def setup_training(cfg: TrainConfig, *, device: torch.device, teacher_checkpoint
     return TrainingState(cfg, device, distiller, core, teacher, criterion, optimizer, scheduler, ema,
                          train_loader, val_loader, torch.bfloat16 if use_bf16 else None, spec,
                          rank=rank, world_size=world_size)
+
+
+def switched_on(setting: str, device: torch.device) -> bool:
+    """An ``auto | on | off`` switch of the GPU fast paths (``resources.compile``, ``teacher.fused_attention``):
+    auto means on CUDA."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def _autocast(state: TrainingState):

@@ -84,15 +84,20 @@ class FusedTalkingHeadAttn(TalkingHeadAttn):
         h, d = self.num_heads, c // self.num_heads
         q, k, v = self.qkv(x).reshape(b, n, 3, h, d).unbind(2)  # [B, N, H, d] each
         mix_l = self.proj_l.weight.to(q.dtype)  # [G, H]
-        # The G mixed queries of one image all attend to the same keys: stack them as G*N query rows of one
-        # head, so K and V are read once, not expanded per head.
-        q_mixed = (mix_l[:, None, :, None] * q[:, None]).reshape(b, 1, h * n, c)  # rows (g, n), cols (h, d)
-        mixed = F.scaled_dot_product_attention(q_mixed, k.reshape(b, 1, n, c), v.reshape(b, 1, n, c),
-                                               scale=self.scale)  # [B, 1, G*N, C]: block f of row (g, n) = P_g v_f
+        q_mixed = (mix_l[:, None, :, None] * q[:, None]).reshape(b, h, n, c)  # [B, G, N, (H, d)]
+        mixed = self.attend(q_mixed, k.reshape(b, 1, n, c), v.reshape(b, 1, n, c))  # block f of [b, g, n] = P_g v_f
         mix_w = self.proj_w.weight.to(mixed.dtype).t()  # [G, F]
         out = (mixed.reshape(b, h, n, h, d) * mix_w[None, :, None, :, None]).sum(1)  # [B, N, F, d]
         out = out + self.proj_w.bias.to(out.dtype)[:, None] * v.sum(1, keepdim=True)
         return self.proj_drop(self.proj(out.reshape(b, n, c)))
+
+    def attend(self, q_mixed: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+        """SDPA of the mixed queries ``[B, G, N, C]`` over ``k_all``, ``v_all`` ``[B, 1, N, C]``. The G mixed
+        queries of an image all attend to the same keys: they are stacked as G*N query rows of one head, so
+        K and V are read once, not expanded per head. Returns ``[B, 1, G*N, C]``: rows in (g, n) order, so it
+        reshapes to ``[B, G, N, C]``."""
+        b, g, n, c = q_mixed.shape
+        return F.scaled_dot_product_attention(q_mixed.reshape(b, 1, g * n, c), k_all, v_all, scale=self.scale)
 
 
 def fuse_talking_heads(model: nn.Module, attention: type[TalkingHeadAttn] = FusedTalkingHeadAttn) -> int:
