@@ -107,15 +107,16 @@ def plot_sep(layers: list[dict], path: Path) -> Path:
 
 def plot_sep_permutation(layers: list[dict], path: Path) -> Path | None:
     """SEP bandwidth d/D at each threshold, natural channel order vs random orders (mean, 95% bootstrap
-    interval), last layer. None when no permutations were run."""
+    interval), last layer, in the permutation block's statistic (per-image or pooled). None when no
+    permutations were run."""
     last = layers[-1]
     permutation = last["sep"].get("permutation")
     if not permutation:
         return None
     keys = list(last["sep"]["bandwidth"])
     t = np.array([float(k) for k in keys])
-    natural = np.array([last["sep"]["bandwidth"][k]["ratio"] for k in keys])
     stats = [permutation["bandwidth"][k] for k in keys]
+    natural = np.array([s.get("original_mean", last["sep"]["bandwidth"][k]["ratio"]) for k, s in zip(keys, stats)])
     mean = np.array([s["mean"] for s in stats])
     err = np.array([[m - s["ci_low"] for m, s in zip(mean, stats)], [s["ci_high"] - m for m, s in zip(mean, stats)]])
     fig, ax = plt.subplots(figsize=(5.0, 4.0))
@@ -123,7 +124,9 @@ def plot_sep_permutation(layers: list[dict], path: Path) -> Path | None:
     ax.plot(t, natural, "o", label="natural channel order")
     ax.errorbar(t, mean, yerr=np.clip(err, 0, None), fmt="s", capsize=3, markersize=4,
                 label=f"{permutation['num_permutations']} random orders (mean, 95% CI)")
-    ax.set(xlabel="energy threshold", ylabel="bandwidth d/D", title=f"Layer {last['index']}: SEP under permutations")
+    statistic = permutation.get("statistic", "pooled")
+    ax.set(xlabel="energy threshold", ylabel="bandwidth d/D",
+           title=f"Layer {last['index']}: SEP under permutations ({statistic})")
     ax.legend(fontsize=8)
     return _save(fig, path)
 

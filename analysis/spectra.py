@@ -12,6 +12,8 @@ one matrix X_i in R^{N x C} per image.
    overlap mean(cos^2) (1 = same subspace, about k/C for random subspaces) and the mean angle.
 4. Token Spectral Energy Pattern (SEP): e_k = |FFT(x)_k|^2 along channels, natural order;
    curve[j] = 100 * sum_{k<=j} e_k / sum_k e_k; bandwidth = first j with mean curve >= t, plus 1.
+   "Pooled": of the mean curve over all tokens of all images (the paper's bandwidth). "Per image": of
+   each image's mean curve, then averaged over images (the authors' permutation-robustness statistic).
 
 Ranks use a float64 Gram matrix of each image's smaller side and `torch.linalg.eigvalsh`: the squared
 singular values, exact enough that the integer ranks equal a float64 SVD's (a float32 Gram is not;
@@ -31,6 +33,16 @@ from torch import Tensor
 DEFAULT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
 ROTATION_THRESHOLDS = (0.9, 0.99)
 SEP_THRESHOLDS_PERCENT = (50, 60, 70, 80, 90)
+# The two statistics of the SEP permutation check (`sep_permutation_per_image`, `sep_permutation_bandwidths`);
+# one line each for diagnostics.json.
+SEP_STATISTICS = ("per-image", "pooled")
+SEP_STATISTIC_DEFINITIONS = {
+    "per-image": "per image, d/D where the mean SEP curve of its tokens first reaches t; mean over images, "
+                 "under each random channel order and in natural order (original_mean); delta = mean - "
+                 "original_mean, 95% CI by a paired bootstrap over images",
+    "pooled": "d/D where the mean SEP curve over all tokens of all images first reaches t, under each random "
+              "channel order; mean and 95% bootstrap CI over permutations; original_mean = natural order",
+}
 # A cumulative fraction counts as reaching p when E_k >= p - RANK_TOLERANCE. Float64 round-off in E_k
 # is ~1e-15, so an energy that equals p exactly (by construction) is reached whichever way it rounds.
 RANK_TOLERANCE = 1e-12
@@ -339,33 +351,66 @@ def _check_tokens(tokens: Tensor | np.ndarray) -> Tensor:
     return tokens
 
 
-def _sep_moments(tokens: Tensor, order: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Mean and population std `[D]` of the SEP curves of all tokens with nonzero energy.
+def _sep_blocks(x: Tensor) -> list[tuple[int, Tensor]]:
+    """Split `[I, N, D]` into (first image, `[g, m, D]` block) pieces of about `_CHUNK_BYTES` complex
+    working set: whole images where one fits, else slices of one image's tokens."""
+    i, n, d = x.shape
+    per_image = 16 * n * d
+    if per_image <= _CHUNK_BYTES:
+        step = _CHUNK_BYTES // per_image
+        return [(a, x[a:a + step]) for a in range(0, i, step)]
+    step = max(1, _CHUNK_BYTES // (16 * d))
+    return [(a, x[a:a + 1, s:s + step]) for a in range(i) for s in range(0, n, step)]
 
-    Chunks are merged with Chan et al.'s pairwise update, stable where sum-of-squares is not.
-    `order` permutes the channels first (the robustness check).
+
+def _image_sep_moments(
+    x: Tensor, order: Tensor | None = None, with_spread: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per image of `[I, N, D]`, over its tokens with nonzero energy: (count `[I]`, mean SEP curve
+    `[I, D]`, sum of squared deviations `[I, D]` or None), float64; an image with no such token has
+    count 0 and a zero curve.
+
+    Pieces of an image are merged with Chan et al.'s pairwise update, stable where sum-of-squares is
+    not; plain sums over whole blocks keep it deterministic on an accelerator (no atomics). `order`
+    permutes the channels first (the robustness check).
     """
-    d = tokens.shape[-1]
-    count, mean, m2 = 0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
-    mean, m2 = mean.to(tokens.device), m2.to(tokens.device)
-    for chunk in tokens.split(max(1, _CHUNK_BYTES // (16 * d))):
-        chunk = chunk.to(torch.float64)
+    i, _, d = x.shape
+    options = {"dtype": torch.float64, "device": x.device}
+    count, mean = torch.zeros(i, **options), torch.zeros(i, d, **options)
+    m2 = torch.zeros(i, d, **options) if with_spread else None
+    for first, block in _sep_blocks(x):
+        block = block.to(torch.float64)
         if order is not None:
-            chunk = chunk[:, order]
-        cumulative = torch.fft.fft(chunk, dim=-1).abs().square().cumsum(-1)
-        total = cumulative[:, -1:]
-        curves = 100.0 * cumulative[total[:, 0] > 0] / total[total[:, 0] > 0]
-        if curves.shape[0] == 0:
-            continue
-        size, chunk_mean = curves.shape[0], curves.mean(0)
-        delta = chunk_mean - mean
-        merged = count + size
-        mean = mean + delta * (size / merged)
-        m2 = m2 + (curves - chunk_mean).square().sum(0) + delta.square() * (count * size / merged)
-        count = merged
-    if count == 0:
+            block = block[..., order]
+        cumulative = torch.fft.fft(block, dim=-1).abs().square().cumsum(-1)  # [g, m, D]
+        total = cumulative[..., -1:]
+        alive = total > 0  # [g, m, 1]; a zero token has no curve (0 / 0)
+        curves = 100.0 * cumulative / total.masked_fill(~alive, 1.0)
+        size = alive.sum(1).to(torch.float64)  # [g, 1]
+        block_mean = curves.sum(1) / size.clamp_min(1.0)  # zero tokens contribute exact zeros
+        rows = slice(first, first + block.shape[0])
+        merged = count[rows].unsqueeze(-1) + size
+        weight = torch.where(merged > 0, size / merged.clamp_min(1.0), 0.0)
+        delta = block_mean - mean[rows]
+        if m2 is not None:
+            spread = ((curves - block_mean.unsqueeze(1)).square() * alive).sum(1)
+            m2[rows] += spread + delta.square() * (count[rows].unsqueeze(-1) * weight)
+        mean[rows] += delta * weight
+        count[rows] = merged.squeeze(-1)
+    return count, mean, m2
+
+
+def _pooled_moments(count: Tensor, mean: Tensor, m2: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Merge per-image moments into the moments over all tokens: (mean `[D]`, population std `[D]`)."""
+    total = count.sum()
+    if total == 0:
         raise ValueError("every token has zero energy: the SEP is undefined")
-    return mean, (m2 / count).sqrt()
+    weight = count.unsqueeze(-1)
+    pooled = (weight * mean).sum(0) / total
+    if m2 is None:
+        return pooled, None
+    spread = m2.sum(0) + (weight * (mean - pooled).square()).sum(0)
+    return pooled, (spread / total).sqrt()
 
 
 def sep_curves(tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -373,23 +418,80 @@ def sep_curves(tokens: Tensor) -> tuple[Tensor, Tensor]:
     order) and curve[j] = 100 * sum_{k<=j} e_k / sum_k e_k; `[T, D]` -> (mean `[D]`, std `[D]`) over
     tokens, float64, population std. Tokens with zero energy have no curve and are skipped.
     """
-    return _sep_moments(_check_tokens(tokens))
+    return _pooled_moments(*_image_sep_moments(_check_tokens(tokens).unsqueeze(0)))
+
+
+def sep_image_curves(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Image-level SEP curves: for each image the mean of its tokens' SEP curves (as `sep_curves`).
+
+    `[I, N, D]` -> (curves `[I, D]` float64 in percent, token counts `[I]` long). Tokens with zero
+    energy are skipped; an image with no other token has count 0 and a NaN curve.
+    """
+    count, mean, _ = _image_sep_moments(check_features(features), with_spread=False)
+    mean[count == 0] = float("nan")
+    return mean, count.to(torch.long)
+
+
+def sep_dims(curves: Tensor, thresholds_percent: Sequence[float] = SEP_THRESHOLDS_PERCENT) -> Tensor:
+    """d(t) = (first 0-based j with curve[j] >= t) + 1 for each curve, same tolerance as ranks in
+    percent units; `[..., D]` in percent -> `[..., P]` long, one column per threshold, at most D."""
+    curves = torch.as_tensor(curves, dtype=torch.float64)
+    t = torch.tensor([float(v) for v in thresholds_percent], dtype=torch.float64, device=curves.device)
+    below = curves.unsqueeze(-2) < (t - 100.0 * RANK_TOLERANCE).unsqueeze(-1)  # [..., P, D]
+    return (below.sum(-1) + 1).clamp_max(curves.shape[-1])
 
 
 def sep_bandwidth(
     mean_curve: Tensor, thresholds_percent: Sequence[float] = SEP_THRESHOLDS_PERCENT
 ) -> dict[float, tuple[int, float]]:
-    """Bandwidth at t%: d = (first 0-based j with mean_curve[j] >= t) + 1, and d / D.
-
-    `mean_curve` `[D]` in percent -> {t: (d, d / D)}. Same tolerance as ranks, in percent units.
-    """
+    """Bandwidth at t% of one curve (`sep_dims`), and d / D: `mean_curve` `[D]` in percent -> {t: (d, d / D)}."""
     curve = torch.as_tensor(mean_curve, dtype=torch.float64).reshape(-1)
-    size = curve.numel()
-    result = {}
-    for t in thresholds_percent:
-        d = min(int((curve < t - 100.0 * RANK_TOLERANCE).sum()) + 1, size)
-        result[t] = (d, d / size)
-    return result
+    dims = sep_dims(curve, thresholds_percent).tolist()
+    return {t: (d, d / curve.numel()) for t, d in zip(thresholds_percent, dims)}
+
+
+def _permuted_image_curves(x: Tensor, num_permutations: int, seed: int):
+    """Yield (count `[I]`, mean curves `[I, D]`) of `[I, N, D]` under each seeded channel order.
+
+    Order r is the r-th `torch.randperm(D)` of `torch.Generator().manual_seed(seed)`: one global
+    permutation shared by every token of every image.
+    """
+    if num_permutations < 1:
+        raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(num_permutations):
+        order = torch.randperm(x.shape[-1], generator=generator).to(x.device)
+        count, mean, _ = _image_sep_moments(x, order, with_spread=False)
+        yield count, mean
+
+
+def _bootstrap_rows(size: int, seed: int) -> np.ndarray:
+    """`_BOOTSTRAP_SAMPLES` resamples of `size` indices with replacement: `[B, size]`, numpy's default_rng(seed)."""
+    return np.random.default_rng(seed).integers(0, size, (_BOOTSTRAP_SAMPLES, size))
+
+
+def _resampled_means(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Mean of `values` `[K, P]` over each resample `rows` `[B, K]` -> `[B, P]`, in pieces of bounded memory."""
+    step = max(1, _CHUNK_BYTES // (8 * values.size))
+    return np.concatenate([values[rows[a:a + step]].mean(1) for a in range(0, rows.shape[0], step)])
+
+
+def _pooled_summary(
+    ratios: np.ndarray, natural: np.ndarray | None, seed: int, thresholds_percent: Sequence[float]
+) -> dict[float, dict[str, float]]:
+    """Pooled statistic from ratios `[R, P]` under permutations: {t: {"mean", "ci_low", "ci_high"}}, plus
+    "original_mean" (= `natural` `[P]`, the natural-order ratios), "std_over_permutations" and the
+    delta (mean and interval minus original_mean) when `natural` is given."""
+    low, high = np.percentile(_resampled_means(ratios, _bootstrap_rows(ratios.shape[0], seed)), [2.5, 97.5], axis=0)
+    mean = ratios.mean(0)
+    summary = {}
+    for c, t in enumerate(thresholds_percent):
+        summary[t] = {"mean": float(mean[c]), "ci_low": float(low[c]), "ci_high": float(high[c])}
+        if natural is not None:
+            summary[t].update(original_mean=float(natural[c]), std_over_permutations=float(ratios[:, c].std()),
+                              delta_mean=float(mean[c] - natural[c]), delta_ci_low=float(low[c] - natural[c]),
+                              delta_ci_high=float(high[c] - natural[c]))
+    return summary
 
 
 def sep_permutation_bandwidths(
@@ -398,28 +500,81 @@ def sep_permutation_bandwidths(
     seed: int,
     thresholds_percent: Sequence[float] = SEP_THRESHOLDS_PERCENT,
 ) -> tuple[np.ndarray, dict[float, dict[str, float]]]:
-    """SEP bandwidth ratio d/D under `num_permutations` seeded random channel orders.
+    """The pooled permutation statistic: bandwidth ratio d/D of the mean SEP curve over all `tokens`
+    `[T, D]` under `num_permutations` seeded random channel orders (`_permuted_image_curves`).
 
-    `tokens` `[T, D]` -> (ratios `[num_permutations, len(thresholds)]`, {t: {"mean", "ci_low",
-    "ci_high"}}), the interval a 95% percentile bootstrap of the mean over permutations.
+    Returns (ratios `[num_permutations, P]`, {t: {"mean", "ci_low", "ci_high"}}), the interval a 95%
+    percentile bootstrap of the mean over permutations (resamples `default_rng(seed)`).
     """
-    tokens = _check_tokens(tokens)
-    if num_permutations < 1:
-        raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
-    generator = torch.Generator().manual_seed(seed)
-    ratios = np.empty((num_permutations, len(thresholds_percent)))
-    for row in range(num_permutations):
-        order = torch.randperm(tokens.shape[-1], generator=generator).to(tokens.device)
-        bandwidth = sep_bandwidth(_sep_moments(tokens, order)[0], thresholds_percent)
-        ratios[row] = [bandwidth[t][1] for t in thresholds_percent]
-    resamples = np.random.default_rng(seed).integers(0, num_permutations, (_BOOTSTRAP_SAMPLES, num_permutations))
-    boot_means = ratios[resamples].mean(1)  # [B, len(thresholds)]
-    low, high = np.percentile(boot_means, [2.5, 97.5], axis=0)
-    summary = {
-        t: {"mean": float(ratios[:, col].mean()), "ci_low": float(low[col]), "ci_high": float(high[col])}
-        for col, t in enumerate(thresholds_percent)
+    x = _check_tokens(tokens).unsqueeze(0)
+    ratios = np.stack([
+        sep_dims(_pooled_moments(count, mean, None)[0], thresholds_percent).cpu().numpy() / x.shape[-1]
+        for count, mean in _permuted_image_curves(x, num_permutations, seed)
+    ])
+    return ratios, _pooled_summary(ratios, None, seed, thresholds_percent)
+
+
+def _per_image_summary(
+    original: np.ndarray, permuted: np.ndarray, seed: int, thresholds_percent: Sequence[float]
+) -> dict[float, dict[str, float]]:
+    """Per-image statistic from b_i `[I, P]` and b_i^p `[R, I, P]` (see `sep_permutation_per_image`)."""
+    per_permutation = permuted.mean(1)  # [R, P]: image mean under each order
+    rows = _bootstrap_rows(original.shape[0], seed)
+    boot_permuted = _resampled_means(permuted.mean(0), rows)  # paired: the same images in both terms
+    boot_delta = boot_permuted - _resampled_means(original, rows)
+    low, high = np.percentile(boot_permuted, [2.5, 97.5], axis=0)
+    delta_low, delta_high = np.percentile(boot_delta, [2.5, 97.5], axis=0)
+    mean, natural = per_permutation.mean(0), original.mean(0)
+    return {
+        t: {"mean": float(mean[c]), "ci_low": float(low[c]), "ci_high": float(high[c]),
+            "original_mean": float(natural[c]), "original_std": float(original[:, c].std()),
+            "std_over_permutations": float(per_permutation[:, c].std()), "delta_mean": float(mean[c] - natural[c]),
+            "delta_ci_low": float(delta_low[c]), "delta_ci_high": float(delta_high[c])}
+        for c, t in enumerate(thresholds_percent)
     }
-    return ratios, summary
+
+
+def _kept_ratios(curves: Tensor, keep: Tensor, thresholds_percent: Sequence[float]) -> np.ndarray:
+    """b_i = d_i / D `[I', P]` of the kept images' curves `[I, D]`."""
+    return sep_dims(curves[keep], thresholds_percent).cpu().numpy() / curves.shape[-1]
+
+
+def _images_with_energy(count: Tensor) -> Tensor:
+    keep = count > 0
+    if not keep.any():
+        raise ValueError("every token has zero energy: the SEP is undefined")
+    return keep
+
+
+def sep_permutation_per_image(
+    features: Tensor,
+    num_permutations: int,
+    seed: int,
+    thresholds_percent: Sequence[float] = SEP_THRESHOLDS_PERCENT,
+) -> tuple[np.ndarray, np.ndarray, dict[float, dict[str, float]]]:
+    """The per-image permutation statistic (the authors' `analyze_sep_permutation_robustness.py`).
+
+    `features` `[I, N, D]`. Image i's curve is the mean of its tokens' SEP curves (`sep_image_curves`);
+    b_i(t) = d_i(t) / D with d_i(t) = (first 0-based j where that curve >= t) + 1. Under channel order
+    p (`_permuted_image_curves`, the same seed as the pooled statistic) the same gives b_i^p(t).
+    Images whose tokens all have zero energy are left out (I' images remain).
+
+    Returns (b_i `[I', P]`, b_i^p `[R, I', P]`, {t: stats}) with, per threshold t:
+    "original_mean" / "original_std": mean / population std over images of b_i;
+    "mean" / "std_over_permutations": mean / population std over permutations of mean_i b_i^p;
+    "delta_mean" = mean - original_mean;
+    "delta_ci_low" / "delta_ci_high": 2.5 / 97.5 percentiles, over `_BOOTSTRAP_SAMPLES` resamples of
+    the images with replacement (`default_rng(seed).integers(0, I', (B, I'))`), of
+    mean_{i in resample}(mean_p b_i^p) - mean_{i in resample}(b_i), a paired bootstrap of the
+    expected delta; "ci_low" / "ci_high": the same percentiles of the first term alone.
+    """
+    x = check_features(features)
+    count, natural, _ = _image_sep_moments(x, with_spread=False)
+    keep = _images_with_energy(count)
+    original = _kept_ratios(natural, keep, thresholds_percent)
+    permuted = np.stack([_kept_ratios(curves, keep, thresholds_percent)
+                         for _, curves in _permuted_image_curves(x, num_permutations, seed)])
+    return original, permuted, _per_image_summary(original, permuted, seed, thresholds_percent)
 
 
 # ------------------------------------------------------------------------------ one layer
@@ -459,11 +614,18 @@ def diagnose_layer(
 
     Shape: {"tokens", "channels", "svd_rank": {"0.8": rank_stats, ...}, "pca_rank": {same},
     "pca_spectrum": [C] cumulative eigen-energy, "energy_percentiles": {"median", "p10", "p1"} of the
-    captured energy vs d over images ([C] each), "sep": {"mean", "std", "bandwidth": {"0.5": {"d",
-    "ratio"}, ...}, "permutation": {"num_permutations", "bandwidth": {"0.5": {"mean", "ci_low",
-    "ci_high"}}} only if permutations > 0}, "rotation": {"to_shared": {"0.9": {"overlap_mean",
-    "overlap_median", "angle_mean_deg"}, "0.99": ...}, "pairwise": {same, or {} with < 2 images}}}.
-    `center` subtracts each image's token mean before everything.
+    captured energy vs d over images ([C] each), "sep": {"mean", "std": [C] over all tokens,
+    "bandwidth": {"0.5": {"d", "ratio"}, ...} of that pooled mean curve (the paper's number),
+    "image_bandwidth": {"0.5": {"mean", "std"}, ...} over images of each image's own b_i = d_i/D,
+    "permutation_statistics": {"per-image": block, "pooled": block} only if permutations > 0},
+    "rotation": {"to_shared": {"0.9": {"overlap_mean", "overlap_median", "angle_mean_deg"}, "0.99": ...},
+    "pairwise": {same, or {} with < 2 images}}}. A permutation block is {"statistic", "definition",
+    "num_permutations", "num_images", "bandwidth": {"0.5": stats}}, stats as `sep_permutation_per_image`
+    or, pooled, {"mean", "ci_low", "ci_high"} of `sep_permutation_bandwidths` plus "original_mean" (the
+    natural-order ratio), "std_over_permutations" and "delta_mean", "delta_ci_low", "delta_ci_high"
+    (mean and interval minus original_mean). Both come from the same permutations, so a caller (encmm
+    diagnose --sep-statistic) picks one without recomputing. `center` subtracts each image's token mean
+    before everything.
     """
     x = _prepare(features, center)
     thresholds = check_thresholds(thresholds)
@@ -482,7 +644,7 @@ def diagnose_layer(
         "energy_percentiles": dict(
             zip(("median", "p10", "p1"), np.percentile(captured.cpu().numpy(), [50, 10, 1], axis=0).tolist())
         ),
-        "sep": _sep_summary(x.reshape(-1, c), permutations, seed),
+        "sep": _sep_summary(x, permutations, seed),
     }
     rotation_ranks = {p: svd[:, all_p.index(p)] for p in ROTATION_THRESHOLDS}
     bases = right_singular_bases(x, int(max(r.max() for r in rotation_ranks.values())))
@@ -496,18 +658,37 @@ def diagnose_layer(
     return result
 
 
-def _sep_summary(tokens: Tensor, permutations: int, seed: int) -> dict:
-    mean, std = sep_curves(tokens)
-    bandwidth = sep_bandwidth(mean)
+def _sep_summary(x: Tensor, permutations: int, seed: int) -> dict:
+    """The "sep" entry of `diagnose_layer` for `[I, N, D]`: one natural-order pass, one per permutation,
+    both permutation statistics from the same passes (they differ only in how curves are averaged)."""
+    thresholds = SEP_THRESHOLDS_PERCENT
+    count, curves, m2 = _image_sep_moments(x)
+    mean, std = _pooled_moments(count, curves, m2)
+    keep = _images_with_energy(count)
+    original = _kept_ratios(curves, keep, thresholds)
+    bandwidth = sep_bandwidth(mean, thresholds)
     sep = {
         "mean": mean.tolist(),
         "std": std.tolist(),
         "bandwidth": {threshold_key(t / 100): {"d": d, "ratio": r} for t, (d, r) in bandwidth.items()},
+        "image_bandwidth": {threshold_key(t / 100): {"mean": float(original[:, c].mean()),
+                                                     "std": float(original[:, c].std())}
+                            for c, t in enumerate(thresholds)},
     }
     if permutations > 0:
-        _, summary = sep_permutation_bandwidths(tokens, permutations, seed)
-        sep["permutation"] = {
-            "num_permutations": permutations,
-            "bandwidth": {threshold_key(t / 100): stats for t, stats in summary.items()},
+        pooled, permuted = [], []
+        for counts, image_curves in _permuted_image_curves(x, permutations, seed):
+            pooled.append(sep_dims(_pooled_moments(counts, image_curves, None)[0], thresholds).cpu().numpy())
+            permuted.append(_kept_ratios(image_curves, keep, thresholds))
+        natural = np.array([r for _, r in bandwidth.values()])
+        summaries = {
+            "per-image": _per_image_summary(original, np.stack(permuted), seed, thresholds),
+            "pooled": _pooled_summary(np.stack(pooled) / x.shape[-1], natural, seed, thresholds),
+        }
+        sep["permutation_statistics"] = {
+            name: {"statistic": name, "definition": SEP_STATISTIC_DEFINITIONS[name],
+                   "num_permutations": permutations, "num_images": int(keep.sum()),
+                   "bandwidth": {threshold_key(t / 100): stats for t, stats in summary.items()}}
+            for name, summary in summaries.items()
         }
     return sep

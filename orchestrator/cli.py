@@ -126,6 +126,7 @@ def diagnose(
     thresholds: Annotated[str, typer.Option("--thresholds", help="energy thresholds in (0, 1)")] = "0.8,0.9,0.95,0.99",
     center: Annotated[bool, typer.Option("--center", help="subtract each image's token mean first")] = False,
     permutations: Annotated[int, typer.Option("--permutations", help="random channel orders for the SEP robustness check")] = 0,
+    sep_statistic: Annotated[str, typer.Option("--sep-statistic", help="SEP permutation statistic: per-image (mean of each image's bandwidth, the authors') | pooled (bandwidth of the mean curve over all tokens)")] = "per-image",
     pairs: Annotated[int, typer.Option("--pairs", help="sampled image pairs for image-vs-image rotation")] = 500,
     seed: Annotated[int, typer.Option("--seed", help="seed of the pair sample, the permutations and a random-init --model")] = 0,
     layers: Annotated[Optional[str], typer.Option("--layers", help="subset of layers, e.g. 0,5,-1 (default: all)")] = None,
@@ -144,7 +145,7 @@ def diagnose(
     options = DiagnoseOptions(
         model=model, checkpoint=checkpoint, run=run, features=features, pretrained=pretrained,
         model_args=model_arg or [], data=data, data_root=data_root, images_per_class=images_per_class,
-        thresholds=thresholds, center=center, permutations=permutations, pairs=pairs, seed=seed, layers=layers,
+        thresholds=thresholds, center=center, permutations=permutations, sep_statistic=sep_statistic, pairs=pairs, seed=seed, layers=layers,
         batch_size=batch_size, device=device, out=out, tracking_uri=tracking_uri, experiment=experiment)
     try:
         plan = prepare_diagnose(options)

@@ -23,13 +23,14 @@ import torch
 import yaml
 
 from analysis import features as feats
-from analysis.spectra import check_thresholds, threshold_key
+from analysis.spectra import SEP_STATISTICS, check_thresholds, threshold_key
 from orchestrator import tracking
 from trainables.config import ConfigError
 
 DATASET_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 RANK_STATS = ("p99", "mean", "median", "std", "q25", "q75")
 METRIC_STATS = ("p99", "mean", "median")
+SEP_CSV_PERMUTATION = ("original_mean", "std_over_permutations", "delta_mean", "delta_ci_low", "delta_ci_high")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DiagnoseOptions:
     thresholds: str = "0.8,0.9,0.95,0.99"
     center: bool = False
     permutations: int = 0
+    sep_statistic: str = "per-image"
     pairs: int = 500
     seed: int = 0
     layers: str | None = None
@@ -112,6 +114,11 @@ def _check_counts(o: DiagnoseOptions) -> None:
                              ("--pairs", o.pairs, 0), ("--batch-size", o.batch_size, 1)):
         if value < low:
             raise ConfigError(f"{name}: must be >= {low}, got {value}")
+
+
+def _check_sep_statistic(text: str) -> None:
+    if text not in SEP_STATISTICS:
+        raise ConfigError(f"--sep-statistic: {text!r} is not one of {', '.join(SEP_STATISTICS)}")
 
 
 def _resolve_device(text: str) -> torch.device:
@@ -258,6 +265,7 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
     source = _sources(o)[0]
     thresholds = _parse_thresholds(o.thresholds)
     _check_counts(o)
+    _check_sep_statistic(o.sep_statistic)
     device = _resolve_device(o.device)
     if source != "--features" and o.data is None:
         o.data = "digits"
@@ -273,7 +281,7 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
 
     params = {"source": source.removeprefix("--"), "thresholds": ",".join(threshold_key(p) for p in thresholds),
               "images_per_class": o.images_per_class, "center": o.center, "permutations": o.permutations,
-              "pairs": o.pairs, "seed": o.seed}
+              "sep_statistic": o.sep_statistic, "pairs": o.pairs, "seed": o.seed}
     plan_kwargs: dict = {}
     if source == "--features":
         try:
@@ -316,11 +324,21 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
 
 
 # ------------------------------------------------------------------------------------ outputs
+def select_sep_statistic(result: dict, statistic: str) -> dict:
+    """`diagnose_layer`'s result with `sep.permutation` = the block of the chosen permutation statistic
+    (both are computed from the same permutations; see `analysis.spectra.diagnose_layer`)."""
+    sep = dict(result["sep"])
+    blocks = sep.pop("permutation_statistics", None)
+    if blocks is not None:
+        sep["permutation"] = blocks[statistic]
+    return {**result, "sep": sep}
+
+
 def build_report(plan: DiagnosePlan, results: list[dict]) -> dict:
     """diagnostics.json (README, "encmm diagnose"): model, num_images, thresholds, layers[...]."""
     layers = []
     for index, result in zip(plan.layer_indices, results):
-        sep = {"bandwidth": result["sep"]["bandwidth"]}
+        sep = {"bandwidth": result["sep"]["bandwidth"], "image_bandwidth": result["sep"]["image_bandwidth"]}
         if "permutation" in result["sep"]:
             sep["permutation"] = result["sep"]["permutation"]
         layers.append({"index": index, "tokens": result["tokens"], "channels": result["channels"],
@@ -347,11 +365,12 @@ def write_tables(out: Path, report: dict, results: list[dict], last_arrays: dict
             for p, stats in layer[kind].items():
                 rank_rows.append([i, layer["tokens"], layer["channels"], kind.removesuffix("_rank"), p,
                                   *(stats[s] for s in RANK_STATS)])
-        permutation = layer["sep"].get("permutation", {}).get("bandwidth", {})
+        permutation = layer["sep"].get("permutation", {})
         for t, band in layer["sep"]["bandwidth"].items():
-            perm = permutation.get(t, {})
+            perm, image = permutation.get("bandwidth", {}).get(t, {}), layer["sep"]["image_bandwidth"][t]
             sep_rows.append([i, layer["channels"], t, band["d"], band["ratio"], perm.get("mean"),
-                             perm.get("ci_low"), perm.get("ci_high")])
+                             perm.get("ci_low"), perm.get("ci_high"), image["mean"], image["std"],
+                             permutation.get("statistic"), *(perm.get(k) for k in SEP_CSV_PERMUTATION)])
         for reference, by_p in layer["rotation"].items():
             for p, stats in by_p.items():
                 rotation_rows.append([i, reference, p, stats["overlap_mean"], stats["overlap_median"],
@@ -367,7 +386,8 @@ def write_tables(out: Path, report: dict, results: list[dict], last_arrays: dict
     return [
         _write_csv(out / "ranks.csv", ["layer", "tokens", "channels", "basis", "threshold", *RANK_STATS], rank_rows),
         _write_csv(out / "sep.csv", ["layer", "channels", "threshold", "d", "ratio", "perm_mean", "perm_ci_low",
-                                     "perm_ci_high"], sep_rows),
+                                     "perm_ci_high", "image_ratio_mean", "image_ratio_std", "perm_statistic",
+                                     *(f"perm_{k}" for k in SEP_CSV_PERMUTATION)], sep_rows),
         _write_csv(out / "rotation.csv", ["layer", "reference", "threshold", "overlap_mean", "overlap_median",
                                           "angle_mean_deg"], rotation_rows),
         _write_csv(out / "sep_curves.csv", ["layer", "j", "mean_percent", "std_percent"], sep_curve_rows),
@@ -449,7 +469,7 @@ def run_diagnose(plan: DiagnosePlan, *, address: str | None = None) -> dict:
                                       permutations=o.permutations, num_pairs=o.pairs, seed=o.seed,
                                       arrays_for=[len(layers) - 1], num_gpus=_gpu_share(plan),
                                       on_done=lambda _: bar.update(1))
-        results = [result for result, _ in outcome]
+        results = [select_sep_statistic(result, o.sep_statistic) for result, _ in outcome]
         last_arrays = outcome[-1][1]
         report = build_report(plan, results)
         plan.out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 from ray import tune
 
 from orchestrator import tracking
-from orchestrator.sweep_config import trial_config_dict
+from orchestrator.sweep_config import SearchSpace, grid_axes, trial_config_dict
 from trainables.config import TrainConfig, flatten
 
 METRIC = "val/acc1"
@@ -31,7 +31,8 @@ TRIAL_STARTED = threading.Event()
 
 def param_space(search: dict) -> dict[str, Any]:
     """Grid axes -> ``tune.grid_search``; sampled axes -> Tune's distributions."""
-    space: dict[str, Any] = {key: tune.grid_search(values) for key, values in search.get("grid", {}).items()}
+    space: dict[str, Any] = {key: tune.grid_search(values) for key, values in grid_axes(
+        SearchSpace.model_validate(search)).items()}
     for key, axis in search.get("sample", {}).items():
         kind = axis["distribution"]
         if kind == "uniform":
@@ -46,7 +47,7 @@ def param_space(search: dict) -> dict[str, Any]:
 
 
 def trial_train_config(plan: dict, assignment: dict[str, Any], trial_id: str) -> TrainConfig:
-    tree = trial_config_dict(plan["base"], assignment)
+    tree = trial_config_dict(plan["base"], assignment, plan["search"].get("arms"))
     tree["name"] = f"{plan['name']}-{trial_id}"[:100]
     return TrainConfig.model_validate(tree)
 
@@ -72,7 +73,8 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
         uri, plan["experiment"], f"{plan['name']}/{trial_id}", key_tags=key_tags,
         params=flatten(cfg.model_dump(mode="json")),
         tags={"encmm.kind": "trial", "encmm.sweep_name": plan["name"],
-              "encmm.assignment": json.dumps(config, sort_keys=True, default=str)},
+              "encmm.assignment": json.dumps(config, sort_keys=True, default=str),
+              **({"encmm.arm": str(config["arm"])} if "arm" in config else {})},
         parent_run_id=plan["parent_run_id"])
     storage = Path(plan["sweep_dir"]) / "trials"
     logger = tracking.RunLogger(uri, run_id, spool=str(storage / trial_id / tracking.SPOOL_FILE))

@@ -18,8 +18,8 @@ from pathlib import Path
 from orchestrator import tracking
 from orchestrator.sweep_plan import load_plan, save_plan, timestamped
 from orchestrator.train_command import resolve_teacher_checkpoint
-from orchestrator.sweep_config import SearchSpace, SweepConfig, bound_points, grid_points, load_sweep_config, \
-    trial_config_dict, validate_trials
+from orchestrator.sweep_config import ARM, SearchSpace, SweepConfig, bound_points, grid_axes, grid_points, \
+    load_sweep_config, trial_config_dict, validate_trials
 from trainables.config import ConfigError, TrainConfig, absolutize_paths, flatten, load_train_config, \
     with_absolute_paths
 from trainables.preflight import check_train_config
@@ -109,17 +109,22 @@ def format_plan(setup: SweepSetup, cluster: dict, where: str) -> str:
     cfg = setup.cfg
     lines = [f"sweep {cfg.name}: {trial_count(cfg)} trials ({len(grid_points(cfg.search))} grid points x "
              f"{cfg.search.num_samples} samples)"]
-    keys = list(cfg.search.grid) + list(cfg.search.sample)
+    axes = grid_axes(cfg.search)
+    keys = list(axes) + list(cfg.search.sample)
     if keys:
         lines.append("  #  " + " | ".join(keys))
         index = 0
         for point in grid_points(cfg.search):
             for _ in range(cfg.search.num_samples):
-                cells = [str(point[k]) for k in cfg.search.grid] + [
+                cells = [str(point[k]) for k in axes] + [
                     f"{a.distribution}({a.low}, {a.high})" if a.distribution != "choice" else f"choice{a.values}"
                     for a in cfg.search.sample.values()]
                 lines.append(f"  {index:<3d}" + " | ".join(cells))
                 index += 1
+    for name, overrides in cfg.search.arms.items():
+        lines.append(f"  arm {name}: " + (", ".join(f"{k}={v}" for k, v in overrides.items()) or "the base"))
+    for claim in cfg.claims:
+        lines.append(f"  claim: {claim.name}: {claim.a} {'>' if claim.expect == 'greater' else '<'} {claim.b}")
     per = setup.per_trial
     at_once = concurrent_trials(per, cluster, cfg.max_concurrent_trials)
     where_worker = ", Train local mode: the worker runs inside the driver" if per.get("local") else ""
@@ -170,10 +175,12 @@ def summarize(plan: dict) -> tuple[list[dict], dict | None]:
     runs = tracking.find_runs(plan["uri"], plan["experiment"], {"encmm.parent_run_id": plan["parent_run_id"]})
     rows = []
     axes = list(plan["search"].get("grid", {})) + list(plan["search"].get("sample", {}))
+    assignment_of = lambda run: json.loads(run.data.tags.get("encmm.assignment", "{}"))  # noqa: E731
     for run in sorted(runs, key=lambda r: r.data.tags.get("encmm.trial_id", "")):
         m, p = run.data.metrics, run.data.params
         row = {"trial": run.data.tags.get("encmm.trial_id"), "status": run.info.status, "run_id": run.info.run_id}
-        row.update({f"{k}": p.get(k, json.loads(run.data.tags.get("encmm.assignment", "{}")).get(k)) for k in
+        row["arm"] = assignment_of(run).get(ARM)
+        row.update({f"{k}": p.get(k, assignment_of(run).get(k)) for k in
                     ["student.remedy", "student.width", "kd.alpha", "kd.beta", "seed", *axes] if k not in row})
         for key in ("final/best/val/acc1", "final/val/acc1", "params_inference", "diag/svd_rank_p99/0.99",
                     "diag/pca_rank_p99/0.99", "diag/sep_ratio_90", "diag/feat_mse"):
@@ -258,7 +265,7 @@ class SweepRun:
 
 def open_sweep_run(setup: SweepSetup, teacher_run_id: str | None) -> SweepRun:
     """The parent run (params, tags); the teacher's own mismatch metrics follow in :func:`run_sweep`."""
-    probe = setup.trials[0]
+    probe = next((trial for trial in setup.trials if trial.kd.uses_teacher), setup.trials[0])
     if teacher_run_id:
         probe = TrainConfig.model_validate({**probe.model_dump(mode="json"),
                                             "teacher": {"source": "run", "run_id": teacher_run_id}})
@@ -266,10 +273,12 @@ def open_sweep_run(setup: SweepSetup, teacher_run_id: str | None) -> SweepRun:
     sweep_dir = Path(probe.tracking.output_dir) / "sweeps" / timestamped(setup.cfg.name)
     parent_run_id = tracking.start_run(
         setup.uri, probe.tracking.experiment, sweep_dir.name,
-        params={**{f"sweep.{k}": v for k, v in flatten(setup.cfg.model_dump(mode="json", exclude={"base"})).items()},
-                **flatten(setup.cfg.base)},
+        params={**{f"sweep.{k}": v for k, v in flatten(setup.cfg.model_dump(
+                    mode="json", exclude={"base", "claims"})).items()}, **flatten(setup.cfg.base)},
         tags={"encmm.kind": "sweep", "encmm.sweep_name": sweep_dir.name, "encmm.sweep_dir": str(sweep_dir),
-              "encmm.code_version": code_version()})
+              "encmm.code_version": code_version(),
+              **({"encmm.arms": json.dumps(list(setup.cfg.search.arms))} if setup.cfg.search.arms else {}),
+              **({"encmm.claims": json.dumps([c.model_dump() for c in setup.cfg.claims])} if setup.cfg.claims else {})})
     tracking.close_runs_if_process_dies(setup.uri, [parent_run_id], children_of=[parent_run_id])
     return SweepRun(parent_run_id, sweep_dir, teacher_run_id, teacher_checkpoint)
 
@@ -318,10 +327,13 @@ def import_tune_side() -> None:
     import orchestrator.sweep  # noqa: F401
 
 
-def first_trial_config(plan: dict) -> TrainConfig:
-    """The sweep's first trial config (first grid point, sampled axes at their first bound), from the plan."""
-    point = bound_points(SearchSpace.model_validate(plan["search"]))[0]
-    return TrainConfig.model_validate(trial_config_dict(plan["base"], point))
+def teacher_trial_config(plan: dict) -> TrainConfig:
+    """The sweep's first trial config that uses the teacher (grid order, sampled axes at their first bound),
+    or the first trial's when none does (a CE-only arm may come first), from the plan."""
+    configs = (TrainConfig.model_validate(trial_config_dict(plan["base"], point, plan["search"].get("arms")))
+               for point in bound_points(SearchSpace.model_validate(plan["search"])))
+    first = next(configs)
+    return first if first.kd.uses_teacher else next((c for c in configs if c.kd.uses_teacher), first)
 
 
 def log_teacher_summary(plan: dict, resume: bool) -> None:
@@ -337,7 +349,7 @@ def log_teacher_summary(plan: dict, resume: bool) -> None:
 
     TRIAL_STARTED.wait(timeout=TEACHER_SUMMARY_WAIT_S)
     try:
-        probe = first_trial_config(plan)
+        probe = teacher_trial_config(plan)
         if not probe.kd.uses_teacher or (resume and has_teacher_summary(plan)):
             return
         tracking.log_metrics(plan["uri"], plan["parent_run_id"],

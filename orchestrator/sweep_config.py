@@ -12,6 +12,11 @@
       sample:                               # drawn num_samples times per grid point
         kd.temperature: {distribution: uniform, low: 1.0, high: 4.0}
       num_samples: 1
+      arms:                                 # named arms, crossed with the grid: each is a set of overrides
+        ce: {kd.alpha: 0.0, kd.beta: 0.0}
+        lift: {student.remedy: lift}
+    claims:                                 # what `encmm report` tests: mean(a) - mean(b) > 0 (or < 0)
+      - {name: Lift beats CE only, a: lift, b: ce, expect: greater}
     asha: {grace_period: 2, reduction_factor: 2}   # optional early stopping on val/acc1
     max_concurrent_trials: null             # default: what the cluster's CPUs/GPUs fit
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,20 +59,42 @@ class SampledAxis(_Strict):
         return [self.low, self.high]
 
 
+ARM = "arm"  # the axis a sweep's named arms run on
+
+
 class SearchSpace(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     sample: dict[str, SampledAxis] = Field(default_factory=dict)
     num_samples: int = Field(1, ge=1)
+    arms: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="named sets of dotted overrides, crossed with the grid (axis `arm`)")
 
     @model_validator(mode="after")
     def _check(self) -> "SearchSpace":
         for key, values in self.grid.items():
             if not values:
                 raise ValueError(f"grid axis {key} has no values")
+        if ARM in self.grid or ARM in self.sample:
+            raise ValueError(f"`{ARM}` is the axis of search.arms; name the grid axis differently")
+        for name, overrides in self.arms.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,40}", name):
+                raise ValueError(f"arm name {name!r}: letters, digits, _ . - only")
+            clash = set(overrides) & (set(self.grid) | set(self.sample))
+            if clash:
+                raise ValueError(f"arm {name} sets {sorted(clash)[0]}, which is also a search axis")
         both = set(self.grid) & set(self.sample)
         if both:
             raise ValueError(f"axis {sorted(both)[0]} is both a grid and a sampled axis")
         return self
+
+
+class Claim(_Strict):
+    """One comparison `encmm report` tests: is mean(a) - mean(b) of best val top-1 > 0 (or < 0)?"""
+
+    name: str = Field(min_length=1, max_length=120)
+    a: str
+    b: str
+    expect: Literal["greater", "less"] = "greater"
 
 
 class AshaConfig(_Strict):
@@ -84,6 +112,16 @@ class SweepConfig(_Strict):
     max_trial_failures: int = Field(1, ge=0, description="Tune retries of a failed trial driver")
     trial_driver_cpus: float = Field(0.01, gt=0, description="CPU share of each trial's driver (fractional)")
     mismatch_images: int = Field(200, ge=2, description="val images used for each trial's mismatch metrics")
+    claims: list[Claim] = Field(default_factory=list, description="comparisons of arms that `encmm report` tests")
+
+    @model_validator(mode="after")
+    def _check_claims(self) -> "SweepConfig":
+        for claim in self.claims:
+            for arm in (claim.a, claim.b):
+                if arm not in self.search.arms:
+                    known = ", ".join(self.search.arms) or "none: the sweep has no search.arms"
+                    raise ValueError(f"claim {claim.name!r}: unknown arm {arm!r} (arms: {known})")
+        return self
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -101,17 +139,27 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
         node[parts[-1]] = copy.deepcopy(value)
 
 
-def trial_config_dict(base: dict, assignment: dict[str, Any]) -> dict:
-    """Base config dict with one trial's axis values applied."""
+def trial_config_dict(base: dict, assignment: dict[str, Any], arms: dict[str, dict] | None = None) -> dict:
+    """Base config dict with one trial's axis values applied; an ``arm`` value stands for its overrides
+    (applied first, so a grid axis such as ``seed`` still holds)."""
     tree = copy.deepcopy(base)
+    if ARM in assignment:
+        for key, value in (arms or {})[assignment[ARM]].items():
+            set_dotted(tree, key, value)
     for key, value in assignment.items():
-        set_dotted(tree, key, value)
+        if key != ARM:
+            set_dotted(tree, key, value)
     return tree
 
 
+def grid_axes(space: SearchSpace) -> dict[str, list[Any]]:
+    """The grid Tune runs: the arms (when there are any) as the first axis, then the grid's own."""
+    return {ARM: list(space.arms), **space.grid} if space.arms else dict(space.grid)
+
+
 def grid_points(space: SearchSpace) -> list[dict[str, Any]]:
-    keys = list(space.grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(space.grid[k] for k in keys))] or [{}]
+    axes = grid_axes(space)
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] or [{}]
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Path]:
@@ -145,7 +193,7 @@ def validate_trials(cfg: SweepConfig, source: str) -> list[TrainConfig]:
     configs = []
     for point in bound_points(cfg.search):
         try:
-            tree = trial_config_dict(cfg.base, point)
+            tree = trial_config_dict(cfg.base, point, cfg.search.arms)
         except ValueError as exc:
             raise ConfigError(f"{source}: search: axis {exc}") from None
         label = ", ".join(f"{k}={v}" for k, v in point.items()) or "base"

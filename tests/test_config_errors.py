@@ -78,8 +78,8 @@ CASES = [
                 "images/val/a/notes.txt": b"x"}),
     Case("teacher-grid-mismatch", BASE + TIMM_TEACHER,  # teacher 16 px / patch 16 = 1x1, student 4x4
          expect=("bad.yaml", "teacher", "(1, 1)", "(4, 4)"), stage=PREFLIGHT),
-    Case("avgpool-width-not-a-multiple", GRID_MATCHED, ("student.projector=avgpool", "student.width=80"),
-         expect=("bad.yaml", "student.projector", "192", "80"), stage=PREFLIGHT),
+    Case("avgpool-student-wider-than-teacher", GRID_MATCHED, ("student.projector=avgpool", "student.width=256"),
+         expect=("bad.yaml", "student.projector", "192", "256"), stage=PREFLIGHT),
     Case("missing-teacher-checkpoint", BASE + "teacher: {source: checkpoint, checkpoint: gone.pt}\nkd: {beta: 0.5}\n",
          expect=("bad.yaml", "teacher.checkpoint", "gone.pt"), stage=PREFLIGHT),
     Case("teacher-checkpoint-not-encmm", BASE + "teacher: {source: checkpoint, checkpoint: junk.pt}\nkd: {alpha: 0.5}\n",

@@ -7,6 +7,7 @@ are checked without Ray.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from analysis import features as feats
-from analysis.spectra import diagnose_layer
+from analysis.spectra import SEP_STATISTIC_DEFINITIONS, diagnose_layer
 from orchestrator import tracking
 from orchestrator.cli import app
 from tests.conftest import TINY_DIGITS
@@ -53,20 +54,29 @@ def diagnose(args: list[str], store: str, out: Path):
     return json.loads((out / "diagnostics.json").read_text()), result
 
 
-def assert_matches_direct_call(layer: dict, features: np.ndarray, **kwargs) -> None:
+def assert_matches_direct_call(layer: dict, features: np.ndarray, sep_statistic: str = "per-image", **kwargs) -> None:
     direct = diagnose_layer(torch.from_numpy(features), THRESHOLDS, **kwargs)
     for key in ("tokens", "channels", "svd_rank", "pca_rank"):
         assert layer[key] == direct[key], key  # integer ranks and their statistics: exact
-    assert layer["sep"]["bandwidth"] == direct["sep"]["bandwidth"]
-    permutation = direct["sep"].get("permutation")
-    assert ("permutation" in layer["sep"]) == (permutation is not None)
-    if permutation is not None:
-        assert layer["sep"]["permutation"]["num_permutations"] == permutation["num_permutations"]
-        for t, stats in permutation["bandwidth"].items():
-            assert layer["sep"]["permutation"]["bandwidth"][t] == pytest.approx(stats)
+    assert_sep_matches(layer, direct, sep_statistic)
     for reference in ("to_shared", "pairwise"):
         for p, stats in direct["rotation"][reference].items():
             assert layer["rotation"][reference][p] == pytest.approx(stats, rel=1e-9, abs=1e-12)
+
+
+def assert_sep_matches(layer: dict, direct: dict, sep_statistic: str) -> None:
+    """diagnostics.json's "sep" = diagnose_layer's, with the chosen permutation statistic's block."""
+    assert layer["sep"]["bandwidth"] == direct["sep"]["bandwidth"]
+    for t, stats in direct["sep"]["image_bandwidth"].items():
+        assert layer["sep"]["image_bandwidth"][t] == pytest.approx(stats)
+    blocks = direct["sep"].get("permutation_statistics")
+    assert ("permutation" in layer["sep"]) == (blocks is not None)
+    if blocks is not None:
+        permutation = blocks[sep_statistic]
+        for key in ("statistic", "definition", "num_permutations", "num_images"):
+            assert layer["sep"]["permutation"][key] == permutation[key], key
+        for t, stats in permutation["bandwidth"].items():
+            assert layer["sep"]["permutation"]["bandwidth"][t] == pytest.approx(stats)
 
 
 @pytest.mark.ray
@@ -86,6 +96,7 @@ def test_saved_array_report_equals_direct_math_and_is_logged_to_mlflow(ray_clust
         assert set(layer["svd_rank"]["0.99"]) == STAT_KEYS
         assert set(layer["sep"]["bandwidth"]) == {"0.5", "0.6", "0.7", "0.8", "0.9"}
         assert_matches_direct_call(layer, array, permutations=3, num_pairs=20)
+        assert layer["sep"]["permutation"]["statistic"] == "per-image"  # the default: the authors' definition
         # Known answers: d_p = ceil(p r_i) per image; images in different subspaces need more shared dims.
         for p in THRESHOLDS:
             expected = np.ceil(np.array(RANKS) * p - 1e-9)
@@ -115,6 +126,48 @@ def test_saved_array_report_equals_direct_math_and_is_logged_to_mlflow(ray_clust
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for a in client.list_artifacts(run_id, "figures")}
     assert {"diagnostics.json", *csvs, *(f"figures/{name}" for name in pngs)} <= artifacts
+
+
+def flat_and_white_features(seed: int = 0) -> np.ndarray:
+    """`[L=1, I=6, N=32, C=16]`: three images of constant tokens (SEP bandwidth 1/C at every threshold)
+    and three of white noise (~t): per-image and pooled statistics differ by far."""
+    rng = np.random.default_rng(seed)
+    flat = np.ones((3, 32, 16)) * rng.uniform(1, 2, (3, 32, 1))
+    return np.concatenate([flat, rng.standard_normal((3, 32, 16))])[None]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("statistic", ["per-image", "pooled"])
+def test_diagnostics_json_states_the_chosen_sep_statistic_and_its_definition(ray_cluster, store, tmp_path, statistic):
+    features = flat_and_white_features()
+    np.save(tmp_path / "features.npy", features)
+    out = tmp_path / "out"
+    report, result = diagnose(["--features", str(tmp_path / "features.npy"), "--permutations", "5", "--pairs", "5",
+                               "--sep-statistic", statistic], store, out)
+    layer = report["layers"][0]
+    permutation = layer["sep"]["permutation"]
+    assert permutation["statistic"] == statistic and permutation["definition"] == SEP_STATISTIC_DEFINITIONS[statistic]
+    assert permutation["num_permutations"] == 5 and list(permutation["bandwidth"]) == list(layer["sep"]["bandwidth"])
+    stats = permutation["bandwidth"]["0.9"]
+    assert {"mean", "ci_low", "ci_high", "original_mean", "std_over_permutations", "delta_mean", "delta_ci_low",
+            "delta_ci_high"} <= set(stats)
+    # (Not the rotation: a constant-token image's top singular vector is the shared one, where the angle's
+    # arccos amplifies round-off past any fixed tolerance.)
+    assert_sep_matches(layer, diagnose_layer(torch.from_numpy(features[0]), permutations=5, num_pairs=5), statistic)
+    # Natural order: the mean of per-image bandwidths is ~(1/16 + 0.9) / 2, the pooled curve's ~0.8.
+    expected = layer["sep"]["image_bandwidth"]["0.9"]["mean"] if statistic == "per-image" else \
+        layer["sep"]["bandwidth"]["0.9"]["ratio"]
+    assert stats["original_mean"] == expected
+    assert stats["mean"] == pytest.approx(0.48 if statistic == "per-image" else 0.8, abs=0.08)
+    with (out / "sep.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["perm_statistic"] for row in rows} == {statistic}
+    row = next(r for r in rows if r["threshold"] == "0.9")
+    assert float(row["perm_mean"]) == pytest.approx(stats["mean"])
+    assert float(row["perm_delta_ci_low"]) == pytest.approx(stats["delta_ci_low"])
+    assert float(row["image_ratio_mean"]) == pytest.approx(layer["sep"]["image_bandwidth"]["0.9"]["mean"])
+    run_id = result.stdout.rsplit("MLflow run ", 1)[1].strip(" )\n")
+    assert tracking.get_run(store, run_id).data.params["sep_statistic"] == statistic
 
 
 @pytest.mark.ray
@@ -291,6 +344,8 @@ BAD = [
     ("no-source", None, [], "exactly one"),
     ("unknown-run", None, ["--run", "0123abcd"], "no MLflow run"),
     ("negative-pairs", "good", ["--features", "f.npy", "--pairs", "-1"], "--pairs"),
+    ("unknown-sep-statistic", "good", ["--features", "f.npy", "--permutations", "5", "--sep-statistic", "median"],
+     "--sep-statistic: 'median' is not one of per-image, pooled"),
 ]
 
 

@@ -25,9 +25,13 @@ from analysis.spectra import (
     rank_stats,
     required_rank,
     rotation_to_shared,
+    SEP_STATISTICS,
     sep_bandwidth,
     sep_curves,
+    sep_dims,
+    sep_image_curves,
     sep_permutation_bandwidths,
+    sep_permutation_per_image,
     shared_basis,
     subspace_overlap,
     svd_rank,
@@ -62,6 +66,61 @@ def reference_pca_ranks(x: np.ndarray, thresholds=THRESHOLDS) -> np.ndarray:
     )
 
 
+SEP_T = (50, 60, 70, 80, 90)
+
+
+def reference_sep_image_curves(x: np.ndarray) -> np.ndarray:
+    """Per image the mean over its nonzero tokens of 100 * cumsum(|fft(x)|^2) / sum, `[I, N, D]` -> `[I, D]`."""
+    curves = []
+    for image in x.astype(np.float64):
+        tokens = []
+        for token in image:
+            energy = np.abs(np.fft.fft(token)) ** 2
+            if energy.sum() > 0:
+                tokens.append(100.0 * np.cumsum(energy) / energy.sum())
+        curves.append(np.mean(tokens, axis=0))
+    return np.array(curves)
+
+
+def reference_sep_dims(curve: np.ndarray, thresholds=SEP_T) -> list[int]:
+    """First 0-based j with curve[j] >= t (ranks' tolerance, in percent), plus 1."""
+    return [next((j + 1 for j, v in enumerate(curve) if v >= t - 100 * RANK_TOLERANCE), len(curve))
+            for t in thresholds]
+
+
+def reference_per_image_statistic(x: np.ndarray, num_permutations: int, seed: int, thresholds=SEP_T) -> dict:
+    """The authors' per-image SEP permutation statistic, with loops. The random draws follow the
+    documented protocol: orders from torch.randperm on a seeded generator, resamples from default_rng(seed)."""
+    d = x.shape[-1]
+    generator = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(d, generator=generator).numpy() for _ in range(num_permutations)]
+    dims = np.array([reference_sep_dims(c, thresholds) for c in reference_sep_image_curves(x)])
+    permuted_dims = np.array([[reference_sep_dims(c, thresholds) for c in reference_sep_image_curves(x[:, :, order])]
+                              for order in orders])
+    b, bp = dims / d, permuted_dims / d  # [I, P], [R, I, P]
+    per_permutation = np.array([[np.mean(bp[r, :, c]) for c in range(len(thresholds))]
+                                for r in range(num_permutations)])
+    mean_over_orders = bp.mean(0)  # [I, P]
+    resamples = np.random.default_rng(seed).integers(0, x.shape[0], (1000, x.shape[0]))
+    permuted_boot, delta_boot = [], []
+    for rows in resamples:
+        permuted_term = np.mean([mean_over_orders[i] for i in rows], axis=0)
+        permuted_boot.append(permuted_term)
+        delta_boot.append(permuted_term - np.mean([b[i] for i in rows], axis=0))
+    summary = {}
+    for c, t in enumerate(thresholds):
+        mean = per_permutation[:, c].mean()
+        summary[t] = {
+            "mean": mean, "std_over_permutations": per_permutation[:, c].std(),
+            "original_mean": b[:, c].mean(), "original_std": b[:, c].std(), "delta_mean": mean - b[:, c].mean(),
+            "ci_low": np.percentile([v[c] for v in permuted_boot], 2.5),
+            "ci_high": np.percentile([v[c] for v in permuted_boot], 97.5),
+            "delta_ci_low": np.percentile([v[c] for v in delta_boot], 2.5),
+            "delta_ci_high": np.percentile([v[c] for v in delta_boot], 97.5),
+        }
+    return {"dims": dims, "permuted_dims": permuted_dims, "summary": summary}
+
+
 # ---------------------------------------------------------------------------- feature makers
 def orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     q, _ = np.linalg.qr(rng.standard_normal((rows, cols)))
@@ -83,6 +142,25 @@ def realistic(rng, images, tokens, channels, rank=6, noise=0.05) -> np.ndarray:
     return rng.standard_normal((images, tokens, rank)) @ (shared + own) + noise * rng.standard_normal(
         (images, tokens, channels)
     )
+
+
+def coloured_images(rng, images, tokens, channels) -> np.ndarray:
+    """Images with spectra of their own: a random walk along channels (red) mixed with white noise in a
+    per-image proportion, plus a per-image offset; one token of image 1 is zero (no SEP curve)."""
+    walk = np.cumsum(rng.standard_normal((images, tokens, channels)), axis=-1)
+    mix = rng.uniform(0.0, 1.0, (images, 1, 1))
+    x = mix * walk + (1 - mix) * 3 * rng.standard_normal((images, tokens, channels))
+    x = x + rng.standard_normal((images, 1, 1))
+    x[1, 2] = 0.0
+    return x
+
+
+def flat_and_white_images(rng, images, tokens, channels) -> np.ndarray:
+    """Half the images constant tokens (all energy at frequency 0: d = 1 at every t), half white noise
+    (d ~ t D): the pooled mean curve reaches 90% near d/D = 0.8, the mean of per-image bandwidths near 0.45."""
+    flat = np.ones((images // 2, tokens, channels)) * rng.uniform(1, 2, (images // 2, tokens, 1))
+    white = rng.standard_normal((images - images // 2, tokens, channels))
+    return np.concatenate([flat, white])
 
 
 def ill_conditioned(rng, images, tokens, channels, condition=1e8) -> np.ndarray:
@@ -373,6 +451,96 @@ def test_sep_permutation_of_constant_tokens_keeps_bandwidth_one_and_is_seeded():
     assert first[1] == again[1]
 
 
+# Block sizes: whole images (default), 3 whole images per block, 2 tokens per block (images split).
+@pytest.mark.parametrize("chunk_bytes", [None, 16 * 5 * 16 * 3, 16 * 16 * 2])
+def test_sep_per_image_statistic_matches_float64_numpy_reference(monkeypatch, chunk_bytes):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(spectra, "_CHUNK_BYTES", chunk_bytes)
+    x = coloured_images(np.random.default_rng(20), 7, 5, 16)
+    want = reference_per_image_statistic(x, num_permutations=4, seed=3)
+    curves, counts = sep_image_curves(torch.from_numpy(x))
+    np.testing.assert_allclose(curves.numpy(), reference_sep_image_curves(x), rtol=0, atol=1e-9)
+    assert counts.tolist() == [5, 4, 5, 5, 5, 5, 5]
+    assert sep_dims(curves).tolist() == want["dims"].tolist()
+    original, permuted, summary = sep_permutation_per_image(torch.from_numpy(x), num_permutations=4, seed=3)
+    assert (original * 16).round().astype(int).tolist() == want["dims"].tolist()  # exact dims
+    assert (permuted * 16).round().astype(int).tolist() == want["permuted_dims"].tolist()
+    assert set(summary) == set(SEP_T)
+    for t in SEP_T:
+        assert set(summary[t]) == set(want["summary"][t])
+        for key, value in want["summary"][t].items():
+            assert summary[t][key] == pytest.approx(value, abs=1e-9), (t, key)
+    assert len({summary[t]["original_mean"] for t in SEP_T}) > 1 and np.unique(want["dims"][:, -1]).size > 1
+
+
+def test_sep_per_image_statistic_is_seeded():
+    x = torch.from_numpy(coloured_images(np.random.default_rng(21), 6, 4, 12))
+    first = sep_permutation_per_image(x, 5, seed=7)
+    again = sep_permutation_per_image(x, 5, seed=7)
+    other = sep_permutation_per_image(x, 5, seed=8)
+    np.testing.assert_array_equal(first[1], again[1])
+    assert first[2] == again[2]
+    np.testing.assert_array_equal(first[0], other[0])  # natural order does not depend on the seed
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_per_image_and_pooled_statistics_differ_when_images_have_different_spectra():
+    x = torch.from_numpy(flat_and_white_images(np.random.default_rng(22), 10, 64, 32))
+    result = diagnose_layer(x, permutations=4, num_pairs=0, seed=0)
+    sep = result["sep"]
+    # Pooled mean curve = (100 + diagonal) / 2 reaches 90% at d/D ~ 0.8; per image: 1/D or ~0.9.
+    assert sep["bandwidth"]["0.9"]["ratio"] == pytest.approx(0.8, abs=0.07)
+    assert sep["image_bandwidth"]["0.9"]["mean"] == pytest.approx((1 / 32 + 0.9) / 2, abs=0.05)
+    blocks = sep["permutation_statistics"]
+    assert [blocks[name]["statistic"] for name in SEP_STATISTICS] == list(SEP_STATISTICS)
+    per_image, pooled = blocks["per-image"]["bandwidth"]["0.9"], blocks["pooled"]["bandwidth"]["0.9"]
+    assert per_image["original_mean"] == sep["image_bandwidth"]["0.9"]["mean"]
+    assert pooled["original_mean"] == sep["bandwidth"]["0.9"]["ratio"]
+    assert pooled["mean"] - per_image["mean"] > 0.25  # the choice of statistic matters
+
+
+def test_diagnose_layer_permutation_blocks_equal_the_standalone_functions():
+    x = coloured_images(np.random.default_rng(23), 6, 8, 16)
+    blocks = diagnose_layer(torch.from_numpy(x), permutations=5, num_pairs=0, seed=2)["sep"]["permutation_statistics"]
+    _, _, per_image = sep_permutation_per_image(torch.from_numpy(x), 5, seed=2)
+    _, pooled = sep_permutation_bandwidths(torch.from_numpy(x.reshape(-1, 16)), 5, seed=2)
+    natural = sep_bandwidth(sep_curves(torch.from_numpy(x.reshape(-1, 16)))[0])
+    assert blocks["per-image"]["num_images"] == 6 and blocks["pooled"]["num_permutations"] == 5
+    for t in SEP_T:
+        key = spectra.threshold_key(t / 100)
+        assert blocks["per-image"]["bandwidth"][key] == pytest.approx(per_image[t], abs=1e-12)
+        got = blocks["pooled"]["bandwidth"][key]
+        assert {k: got[k] for k in pooled[t]} == pytest.approx(pooled[t], abs=1e-12)
+        assert got["original_mean"] == natural[t][1]
+        assert got["delta_mean"] == pytest.approx(got["mean"] - got["original_mean"], abs=1e-12)
+
+
+def test_per_image_sep_of_white_tokens_is_on_the_diagonal_and_permutations_change_nothing():
+    x = torch.from_numpy(np.random.default_rng(24).standard_normal((40, 64, 64)))
+    original, permuted, summary = sep_permutation_per_image(x, num_permutations=10, seed=5)
+    for c, t in enumerate(SEP_T):
+        assert summary[t]["original_mean"] == pytest.approx(t / 100, abs=2 / 64)
+        assert summary[t]["mean"] == pytest.approx(t / 100, abs=2 / 64)
+        assert summary[t]["delta_ci_low"] <= 0.0 <= summary[t]["delta_ci_high"], (t, summary[t])
+        assert summary[t]["delta_ci_high"] - summary[t]["delta_ci_low"] < 0.02
+        assert summary[t]["ci_low"] <= summary[t]["mean"] <= summary[t]["ci_high"]
+    assert original.shape == (40, 5) and permuted.shape == (10, 40, 5)
+
+
+def test_per_image_sep_leaves_out_images_without_energy():
+    x = coloured_images(np.random.default_rng(25), 5, 4, 8)
+    with_zero = np.concatenate([x, np.zeros((1, 4, 8))])
+    curves, counts = sep_image_curves(torch.from_numpy(with_zero))
+    assert counts.tolist()[-1] == 0 and torch.isnan(curves[-1]).all()
+    got = sep_permutation_per_image(torch.from_numpy(with_zero), 3, seed=1)
+    want = sep_permutation_per_image(torch.from_numpy(x), 3, seed=1)
+    np.testing.assert_array_equal(got[1], want[1])
+    with pytest.raises(ValueError, match="zero energy"):
+        sep_permutation_per_image(torch.zeros(2, 3, 4), 3, seed=1)
+    with pytest.raises(ValueError, match="num_permutations"):
+        sep_permutation_per_image(torch.from_numpy(x), 0, seed=1)
+
+
 # --------------------------------------------------------------------------------- one layer
 def test_diagnose_layer_round_trips_through_json_with_the_documented_shape():
     x = torch.from_numpy(realistic(np.random.default_rng(15), 12, 16, 24).astype(np.float32))
@@ -386,7 +554,12 @@ def test_diagnose_layer_round_trips_through_json_with_the_documented_shape():
     assert {k: len(v) for k, v in result["energy_percentiles"].items()} == {"median": 24, "p10": 24, "p1": 24}
     assert list(result["sep"]["bandwidth"]) == ["0.5", "0.6", "0.7", "0.8", "0.9"]
     assert set(result["sep"]["bandwidth"]["0.9"]) == {"d", "ratio"}
-    assert result["sep"]["permutation"]["num_permutations"] == 3
+    assert list(result["sep"]["image_bandwidth"]) == list(result["sep"]["bandwidth"])
+    blocks = result["sep"]["permutation_statistics"]
+    assert list(blocks) == list(SEP_STATISTICS) and all(b["num_permutations"] == 3 for b in blocks.values())
+    assert set(blocks["per-image"]["bandwidth"]["0.9"]) == {
+        "mean", "ci_low", "ci_high", "original_mean", "original_std", "std_over_permutations", "delta_mean",
+        "delta_ci_low", "delta_ci_high"}
     for kind in ("to_shared", "pairwise"):
         assert set(result["rotation"][kind]) == {"0.9", "0.99"}
         assert set(result["rotation"][kind]["0.9"]) == {"overlap_mean", "overlap_median", "angle_mean_deg"}
@@ -397,7 +570,7 @@ def test_diagnose_layer_round_trips_through_json_with_the_documented_shape():
 def test_diagnose_layer_of_a_single_image_has_no_pairwise_rotation():
     x = torch.from_numpy(realistic(np.random.default_rng(16), 1, 8, 12))
     result = diagnose_layer(x)
-    assert result["rotation"]["pairwise"] == {} and "permutation" not in result["sep"]
+    assert result["rotation"]["pairwise"] == {} and "permutation_statistics" not in result["sep"]
     assert set(result["rotation"]["to_shared"]) == {"0.9", "0.99"}
 
 

@@ -138,6 +138,11 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     clip_grad: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1, description="timm ModelEmaV3 (None = off)")
+    no_weight_decay: Literal["auto", "timm", "none"] = Field(
+        "auto", description="which tensors of >= 2 dims skip weight decay (1-D ones, biases and norms, always do): "
+                            "timm = the backbone's own no_weight_decay() set (pos_embed, cls_token), none = every "
+                            "one decays; auto = what the authors' released code ran: timm for remedy none (a bare "
+                            "timm model), none for lift / widelast / uniformwide (their wrapper modules hide the set)")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss: stop the run (it ends FAILED with the reason), or skip that step's "
                             "update and count it in train/skipped_steps (one host sync per step)")
@@ -148,6 +153,10 @@ class ScheduleConfig(_Strict):
     warmup_epochs: int = Field(5, ge=0)
     warmup_lr: float = Field(1e-6, ge=0)
     min_lr: float = Field(1e-5, ge=0)
+    step_on: Literal["update", "epoch"] = Field(
+        "update", description="update: warm-up and cosine advance every optimizer step (timm step_update); "
+                              "epoch: the authors' DeiT loop, timm's scheduler stepped once after each epoch, so "
+                              "epoch e trains at the formula's value for e - 1 (epochs 0 and 1 at warmup_lr)")
 
 
 class ResourcesConfig(_Strict):

@@ -6,14 +6,19 @@ repeated to 3 channels so any timm model takes them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from trainables.config import DataConfig
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
@@ -94,8 +99,60 @@ def build_synthetic(cfg: DataConfig) -> DataBundle:
                       TensorImageDataset(images[val_idx], labels[val_idx]), k, (0.0,) * 3, (1.0,) * 3)
 
 
+def posterize_keeping_zero_bits(image: PIL.Image.Image, bits_to_keep: int, **_) -> PIL.Image.Image:
+    """timm's ``posterize`` op, with 0 bits kept meaning an all-black image, as it did before Pillow 13.
+
+    Posterizing keeps the ``bits_to_keep`` most significant bits of each channel (pixel & ~(2**(8-bits)-1)),
+    so 0 bits gives 0 everywhere. Pillow >= 13 refuses ``ImageOps.posterize(image, 0)`` with a ValueError,
+    and timm's increasing posterize (``inc1`` in ``rand-m9-mstd0.5-inc1``, the DeiT recipe) asks for 0 bits
+    at the top magnitude: about 1 train image in 500-800 would raise and end the epoch. Like timm, 8 bits or
+    more returns the image unchanged. Module-level so the transform pickles (loader workers, Ray).
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _augment_ops(transform):
+    """Every timm ``AugmentOp`` in a built transform: Compose ``.transforms``, RandAugment/AugMix ``.ops``,
+    AutoAugment ``.policy`` (a list of sub-policies)."""
+    from timm.data.auto_augment import AugmentOp
+
+    if isinstance(transform, AugmentOp):
+        yield transform
+        return
+    children = []
+    for attr in ("transforms", "ops", "policy"):
+        value = getattr(transform, attr, None)
+        if isinstance(value, (list, tuple)):
+            children.extend(value)
+    if isinstance(transform, (list, tuple)):
+        children.extend(transform)
+    for child in children:
+        yield from _augment_ops(child)
+
+
+def fix_zero_bit_posterize(transform: Callable) -> Callable:
+    """Give every posterize op of a built timm transform ``posterize_keeping_zero_bits``; returns it.
+
+    Only this transform changes (timm's op table stays as it is). A transform without posterize (no
+    auto-augment) is returned untouched.
+    """
+    for op in _augment_ops(transform):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize_keeping_zero_bits
+    return transform
+
+
 def build_deit_transforms(cfg: DataConfig, mean, std):
-    """DeiT recipe through timm: RandAugment, colour jitter, random erasing, bicubic RRC; eval resize+crop."""
+    """DeiT recipe through timm: RandAugment, colour jitter, random erasing, bicubic RRC; eval resize+crop.
+
+    timm's posterize ops are swapped for ``posterize_keeping_zero_bits`` (Pillow >= 13 refuses 0 bits).
+    """
     from timm.data import create_transform
 
     train_tf = create_transform(
@@ -105,7 +162,7 @@ def build_deit_transforms(cfg: DataConfig, mean, std):
         interpolation="bicubic", mean=mean, std=std)
     eval_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic",
                                crop_pct=cfg.crop_pct, mean=mean, std=std)
-    return train_tf, eval_tf
+    return fix_zero_bit_posterize(train_tf), eval_tf
 
 
 class BadImageError(RuntimeError):

@@ -21,7 +21,7 @@ from torch import nn
 from trainables.config import TrainConfig
 from trainables.data import build_datasets, build_loaders
 from trainables.losses import DistillationLoss
-from trainables.models import build_student, count_parameters
+from trainables.models import build_student, count_parameters, timm_no_weight_decay
 from trainables.teacher import FrozenTeacher, build_teacher, fuse_talking_heads
 
 LogFn = Callable[[dict, int], None]
@@ -33,10 +33,16 @@ class Distiller(nn.Module):
     The projector is a loss-side module (FitNets): it is trained but never part of inference.
     """
 
-    def __init__(self, student: nn.Module, projector: nn.Module | None = None):
+    def __init__(self, student: nn.Module, projector: nn.Module | None = None,
+                 no_weight_decay: set[str] | frozenset[str] = frozenset()):
         super().__init__()
         self.student = student
         self.projector = projector
+        self._no_weight_decay = set(no_weight_decay)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names timm's ``create_optimizer_v2`` keeps out of weight decay (besides 1-D ones)."""
+        return set(self._no_weight_decay)
 
     def forward(self, x: torch.Tensor, with_features: bool = True):
         if not with_features:
@@ -102,6 +108,19 @@ def build_projector(cfg: TrainConfig, student: nn.Module, teacher: FrozenTeacher
     return nn.Linear(s_width, t_width) if s_width != t_width else None
 
 
+def decay_exempt_names(cfg: TrainConfig, student: nn.Module) -> set[str]:
+    """``optim.no_weight_decay``: the names (relative to :class:`Distiller`) that skip weight decay.
+
+    ``auto`` reproduces the authors' runs: their plain DeiT baseline hands timm's model to the optimizer,
+    which reads its ``no_weight_decay()`` set (``pos_embed``, ``cls_token``); their Lift / WideLast /
+    UniformWide wrappers do not forward that set, so those decay.
+    """
+    policy = cfg.optim.no_weight_decay
+    if policy == "auto":
+        policy = "timm" if cfg.student.remedy == "none" else "none"
+    return {f"student.{name}" for name in timm_no_weight_decay(student)} if policy == "timm" else set()
+
+
 def setup_training(cfg: TrainConfig, *, device: torch.device, teacher_checkpoint: str | None = None,
                    wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> TrainingState:
     """Build data, teacher, student (+projector), loss, AdamW, cosine schedule and EMA for ``cfg``.
@@ -128,7 +147,7 @@ def setup_training(cfg: TrainConfig, *, device: torch.device, teacher_checkpoint
     student = build_student(cfg.student, num_classes=data.num_classes, img_size=cfg.data.img_size,
                             target_width=target_width, tap_block=cfg.kd.student_block)
     projector = build_projector(cfg, student, teacher)
-    core = Distiller(student, projector).to(device)
+    core = Distiller(student, projector, decay_exempt_names(cfg, student)).to(device)
     align = "avgpool" if (teacher is not None and cfg.kd.beta > 0 and projector is None
                           and student.feature_width != teacher.feature_width) else None
     criterion = DistillationLoss(cfg.kd, align=align, student_width=student.feature_width)
@@ -140,8 +159,8 @@ def setup_training(cfg: TrainConfig, *, device: torch.device, teacher_checkpoint
                                     **({"fused": True} if fused else {}))
     scheduler, _ = create_scheduler_v2(
         optimizer, sched="cosine", num_epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
-        warmup_lr=cfg.schedule.warmup_lr, min_lr=cfg.schedule.min_lr, step_on_epochs=False,
-        updates_per_epoch=len(train_loader))
+        warmup_lr=cfg.schedule.warmup_lr, min_lr=cfg.schedule.min_lr,
+        step_on_epochs=cfg.schedule.step_on == "epoch", updates_per_epoch=len(train_loader))
     ema = None
     if cfg.optim.ema_decay:
         from timm.utils import ModelEmaV3
@@ -307,6 +326,8 @@ def restore_state(state: TrainingState, ckpt: dict) -> int:
     torch.set_rng_state(ckpt["rng"])
     state.num_updates = ckpt["num_updates"]
     state.scheduler.step_update(num_updates=state.num_updates)
+    if state.cfg.schedule.step_on == "epoch":
+        state.scheduler.step(ckpt["epoch"])
     state.best = dict(ckpt["best"])
     return ckpt["epoch"] + 1
 
@@ -383,6 +404,8 @@ def run_epochs(state: TrainingState, start_epoch: int, *, log: LogFn | None = No
     metrics: dict = {}
     for epoch in range(start_epoch, state.cfg.schedule.epochs):
         metrics = train_one_epoch(state, epoch)
+        if state.cfg.schedule.step_on == "epoch":
+            state.scheduler.step(epoch)  # after the epoch, as DeiT's loop does: the next one trains at f(epoch)
         metrics.update(evaluate(state.core.student, state))
         if state.ema is not None:
             metrics.update(evaluate(state.ema.module, state, prefix="val_ema"))

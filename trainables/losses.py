@@ -47,9 +47,11 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def pool_teacher_channels(tokens: torch.Tensor, width: int) -> torch.Tensor:
-    """Average-pool teacher channels C_t -> ``width`` (the released code's alignment): ``[B, N, C_t]``."""
-    b, n, c = tokens.shape
-    return tokens.reshape(b, n, width, c // width).mean(dim=-1)
+    """Adaptive average pooling of teacher channels C_t -> ``width`` (the released code's alignment):
+    ``[B, N, C_t] -> [B, N, width]``. Output channel j averages input channels
+    ``floor(j C_t / width) .. ceil((j + 1) C_t / width) - 1``: equal bins of ``C_t / width`` when it
+    divides, uneven (overlapping) bins otherwise, e.g. 384 -> 219 for the UniformWide control."""
+    return F.adaptive_avg_pool1d(tokens, width)
 
 
 class DistillationLoss(nn.Module):

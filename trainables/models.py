@@ -22,7 +22,8 @@ from torch import nn
 
 from trainables.config import StudentConfig
 
-LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
+LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)  # timm's ViT norm
+LIFT_NORM_EPS = 1e-5  # the authors' Lift projector uses torch's default LayerNorm eps
 
 
 def create_vit(cfg: StudentConfig, *, width: int, depth: int, heads: int, img_size: int,
@@ -69,7 +70,8 @@ class LiftStudent(nn.Module):
         backbone.reset_classifier(0)
         backbone.norm = nn.Identity()  # the lifted map is read pre-norm; the old norm would be unused
         self.backbone = backbone
-        self.lift = nn.Sequential(nn.Linear(backbone.embed_dim, target_width, bias=False), LAYER_NORM(target_width))
+        self.lift = nn.Sequential(nn.Linear(backbone.embed_dim, target_width, bias=False),
+                                  nn.LayerNorm(target_width, eps=LIFT_NORM_EPS))
         self.head = nn.Linear(target_width, num_classes)
 
     def lifted_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +115,18 @@ class WideLastStudent(nn.Module):
     @property
     def feature_width(self) -> int:
         return self.head.in_features
+
+
+def timm_no_weight_decay(model: nn.Module) -> set[str]:
+    """Full parameter names that timm's own models exempt from weight decay (their ``no_weight_decay()``
+    sets: ``pos_embed``, ``cls_token``, ...), for every timm model nested anywhere in ``model``."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        if module is not model and callable(getattr(module, "no_weight_decay", None)):
+            names |= {f"{prefix}.{name}" for name in module.no_weight_decay()}
+    if callable(getattr(model, "no_weight_decay", None)):
+        names |= set(model.no_weight_decay())
+    return names
 
 
 def count_parameters(model: nn.Module) -> int:

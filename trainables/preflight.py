@@ -118,8 +118,7 @@ def check_train_config(cfg: TrainConfig, source: str, *, teacher_checkpoint: str
         if grid_t != grid_s:
             _fail(source, "teacher", f"teacher token grid {grid_t} cannot be matched to the student's {grid_s} "
                                      f"(same img_size / patch_size ratio needed)")
-        width_s = student.feature_width
-        if width_s != width_t and cfg.student.projector == "avgpool" and width_t % width_s:
-            _fail(source, "student.projector", f"avgpool needs the teacher width {width_t} to be a multiple of "
-                                               f"the student's {width_s}")
+        if student.feature_width > width_t and cfg.student.projector == "avgpool":
+            _fail(source, "student.projector", f"avgpool pools the teacher's {width_t} channels down; the "
+                                               f"student's are wider ({student.feature_width}): use linear")
     return {"teacher_width": width_t, "student_grid": grid_s, "teacher_grid": grid_t}
