@@ -25,9 +25,9 @@ Ray- and MLflow-free: the orchestrator drives it, the spectra run elsewhere.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,17 +59,27 @@ def timm_input_spec(model: nn.Module) -> InputSpec:
     embed_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if isinstance(embed_size, (tuple, list)) and len(embed_size) == 2:
         size = tuple(int(s) for s in embed_size)
-    return InputSpec(size=size, mean=tuple(config["mean"]), std=tuple(config["std"]),
-                     interpolation=config.get("interpolation", "bicubic"),
-                     crop_pct=float(config.get("crop_pct", 0.875)))
+    return InputSpec(
+        size=size,
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        interpolation=config.get("interpolation", "bicubic"),
+        crop_pct=float(config.get("crop_pct", 0.875)),
+    )
 
 
 def eval_transform(spec: InputSpec):
     """The model's own timm eval transform (resize, centre crop, to tensor, normalise) for image files."""
     from timm.data import create_transform
 
-    return create_transform(input_size=(3, *spec.size), is_training=False, interpolation=spec.interpolation,
-                            crop_pct=spec.crop_pct, mean=spec.mean, std=spec.std)
+    return create_transform(
+        input_size=(3, *spec.size),
+        is_training=False,
+        interpolation=spec.interpolation,
+        crop_pct=spec.crop_pct,
+        mean=spec.mean,
+        std=spec.std,
+    )
 
 
 def renormalise(images: Tensor, source_mean, source_std, target_mean, target_std) -> Tensor:
@@ -135,7 +145,7 @@ def file_batches(files: Sequence[Path], transform, batch_size: int) -> Iterator[
 
     for start in range(0, len(files), batch_size):
         batch = []
-        for path in files[start:start + batch_size]:
+        for path in files[start : start + batch_size]:
             with Image.open(path) as image:
                 batch.append(transform(image.convert("RGB")))
         yield torch.stack(batch)
@@ -144,7 +154,7 @@ def file_batches(files: Sequence[Path], transform, batch_size: int) -> Iterator[
 def dataset_batches(dataset, indices: Sequence[int], batch_size: int) -> Iterator[Tensor]:
     """Items `indices` of a map-style dataset returning (image tensor, label), batched in order."""
     for start in range(0, len(indices), batch_size):
-        yield torch.stack([dataset[i][0] for i in indices[start:start + batch_size]])
+        yield torch.stack([dataset[i][0] for i in indices[start : start + batch_size]])
 
 
 def tensor_batches(images: Tensor, batch_size: int) -> Iterator[Tensor]:
@@ -197,13 +207,13 @@ def _all_layers(model: nn.Module, x: Tensor) -> list[Tensor]:
         return _timm_intermediates(model.backbone, x, None)
     if kind == "lift":
         final, taps = _vit_with_final(model.backbone, x)  # backbone.norm is Identity: final = raw tokens
-        return taps[:-1] + [model.lift(final[:, model.backbone.num_prefix_tokens:])]
+        return taps[:-1] + [model.lift(final[:, model.backbone.num_prefix_tokens :])]
     if kind == "widelast":
         final, taps = _vit_with_final(model.trunk, x)
         tokens, wide = model.entry(final), []
         for block in model.wide_blocks:
             tokens = block(tokens)
-            wide.append(tokens[:, model.trunk.num_prefix_tokens:])
+            wide.append(tokens[:, model.trunk.num_prefix_tokens :])
         return taps + wide
     return _timm_intermediates(model, x, None)
 

@@ -7,8 +7,8 @@ order, with "index" added) and, for the last-layer histograms, the per-image arr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -29,7 +29,7 @@ def _save(fig, path: Path) -> Path:
 
 def _band_key(thresholds: Sequence[float]) -> str:
     """The rank curve shows d_0.99 when asked for, else the largest threshold."""
-    from analysis.spectra import threshold_key
+    from encmm.analysis.spectra import threshold_key
 
     return threshold_key(0.99 if 0.99 in thresholds else max(thresholds))
 
@@ -44,8 +44,7 @@ def plot_rank_by_layer(layers: list[dict], thresholds: Sequence[float], path: Pa
         mean = np.array([s["mean"] for s in stats])
         std = np.array([s["std"] for s in stats])
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
-        ax.fill_between(x, [s["q25"] for s in stats], [s["q75"] for s in stats], color=color, alpha=0.3,
-                        linewidth=0)
+        ax.fill_between(x, [s["q25"] for s in stats], [s["q75"] for s in stats], color=color, alpha=0.3, linewidth=0)
         ax.plot(x, mean, "o-", color=color, label=f"{label} (mean, ±std, IQR)", markersize=3)
     ax.set(xlabel="layer", ylabel=f"d at {float(key):.0%} energy", title=f"Rank needed for {float(key):.0%} energy")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -96,11 +95,22 @@ def plot_sep(layers: list[dict], path: Path) -> Path:
     last = layers[-1]
     mean, std = np.asarray(last["sep"]["mean"]), np.asarray(last["sep"]["std"])
     x = (np.arange(mean.size) + 1) / mean.size
-    ax.fill_between(x, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100), color="tab:red", alpha=0.2,
-                    label=f"layer {last['index']} ±std")
+    ax.fill_between(
+        x,
+        np.clip(mean - std, 0, 100),
+        np.clip(mean + std, 0, 100),
+        color="tab:red",
+        alpha=0.2,
+        label=f"layer {last['index']} ±std",
+    )
     ax.plot([0, 1], [0, 100], "k--", linewidth=1, label="diagonal (white spectrum)")
-    ax.set(xlabel="frequency index (j+1)/D", ylabel="cumulative energy (%)", xlim=(0, 1), ylim=(0, 100),
-           title="Token Spectral Energy Pattern")
+    ax.set(
+        xlabel="frequency index (j+1)/D",
+        ylabel="cumulative energy (%)",
+        xlim=(0, 1),
+        ylim=(0, 100),
+        title="Token Spectral Energy Pattern",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -122,11 +132,21 @@ def plot_sep_permutation(layers: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5.0, 4.0))
     ax.plot(t, t, "k--", linewidth=1, label="diagonal")
     ax.plot(t, natural, "o", label="natural channel order")
-    ax.errorbar(t, mean, yerr=np.clip(err, 0, None), fmt="s", capsize=3, markersize=4,
-                label=f"{permutation['num_permutations']} random orders (mean, 95% CI)")
+    ax.errorbar(
+        t,
+        mean,
+        yerr=np.clip(err, 0, None),
+        fmt="s",
+        capsize=3,
+        markersize=4,
+        label=f"{permutation['num_permutations']} random orders (mean, 95% CI)",
+    )
     statistic = permutation.get("statistic", "pooled")
-    ax.set(xlabel="energy threshold", ylabel="bandwidth d/D",
-           title=f"Layer {last['index']}: SEP under permutations ({statistic})")
+    ax.set(
+        xlabel="energy threshold",
+        ylabel="bandwidth d/D",
+        title=f"Layer {last['index']}: SEP under permutations ({statistic})",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -142,8 +162,11 @@ def plot_rotation(layers: list[dict], arrays: dict, path: Path) -> Path:
             values = arrays.get(f"overlap_{kind}/{key}")
             if values is not None:
                 left.hist(values, bins=bins, alpha=0.5, density=True, label=f"{label}, k = d_{key}")
-    left.set(xlabel="overlap = mean cos² of principal angles", ylabel="density",
-             title=f"Layer {layers[-1]['index']}: subspace overlap")
+    left.set(
+        xlabel="overlap = mean cos² of principal angles",
+        ylabel="density",
+        title=f"Layer {layers[-1]['index']}: subspace overlap",
+    )
     left.legend(fontsize=7)
     x = [layer["index"] for layer in layers]
     for kind, style in (("to_shared", "-"), ("pairwise", "--")):

@@ -10,13 +10,13 @@ caller can drive a progress bar.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import ray
 import torch
 
-from analysis import spectra
+from encmm.analysis import spectra
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -25,8 +25,9 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def per_image_arrays(features: torch.Tensor, thresholds: Sequence[float], center: bool, num_pairs: int,
-                     seed: int) -> dict[str, np.ndarray]:
+def per_image_arrays(
+    features: torch.Tensor, thresholds: Sequence[float], center: bool, num_pairs: int, seed: int
+) -> dict[str, np.ndarray]:
     """Per-image values behind one layer's summaries, for histograms.
 
     {"svd_rank", "pca_rank": `[I, P]`, and for p in spectra.ROTATION_THRESHOLDS:
@@ -52,11 +53,20 @@ def per_image_arrays(features: torch.Tensor, thresholds: Sequence[float], center
 
 
 @ray.remote
-def _diagnose_task(features: np.ndarray, thresholds: list[float], center: bool, permutations: int,
-                   num_pairs: int, seed: int, with_arrays: bool, device: str) -> tuple[dict, dict | None]:
+def _diagnose_task(
+    features: np.ndarray,
+    thresholds: list[float],
+    center: bool,
+    permutations: int,
+    num_pairs: int,
+    seed: int,
+    with_arrays: bool,
+    device: str,
+) -> tuple[dict, dict | None]:
     x = _tensor(features).to(device)
-    result = spectra.diagnose_layer(x, thresholds, center=center, permutations=permutations,
-                                    num_pairs=num_pairs, seed=seed)
+    result = spectra.diagnose_layer(
+        x, thresholds, center=center, permutations=permutations, num_pairs=num_pairs, seed=seed
+    )
     arrays = per_image_arrays(x.cpu(), thresholds, center, num_pairs, seed) if with_arrays else None
     return result, arrays
 
@@ -83,8 +93,10 @@ def diagnose_layers(
     task = _diagnose_task.options(num_gpus=num_gpus) if num_gpus > 0 else _diagnose_task
     refs = [ray.put(layer.numpy()) for layer in layers]
     pending = {
-        task.remote(ref, list(thresholds), center, permutations, num_pairs, seed, position in arrays_for, device):
-            position for position, ref in enumerate(refs)
+        task.remote(
+            ref, list(thresholds), center, permutations, num_pairs, seed, position in arrays_for, device
+        ): position
+        for position, ref in enumerate(refs)
     }
     results: list = [None] * len(refs)
     while pending:

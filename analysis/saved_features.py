@@ -104,8 +104,9 @@ def load_saved_features(path: str | Path) -> list[Tensor]:
             image = load_array(file)
             _check(image, str(file), 3, "[layers, tokens, channels]")
             if images and image.shape != images[0].shape:
-                raise ValueError(f"{file}: shape {tuple(image.shape)} differs from {files[0].name}'s "
-                                 f"{tuple(images[0].shape)}")
+                raise ValueError(
+                    f"{file}: shape {tuple(image.shape)} differs from {files[0].name}'s {tuple(images[0].shape)}"
+                )
             images.append(image)
         dtype = torch.float64 if any(i.dtype == torch.float64 for i in images) else torch.float32
         features = torch.stack([i.to(dtype) for i in images], dim=1)  # [L, I, N, C]

@@ -23,8 +23,8 @@ stack.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,10 +38,10 @@ SEP_THRESHOLDS_PERCENT = (50, 60, 70, 80, 90)
 SEP_STATISTICS = ("per-image", "pooled")
 SEP_STATISTIC_DEFINITIONS = {
     "per-image": "per image, d/D where the mean SEP curve of its tokens first reaches t; mean over images, "
-                 "under each random channel order and in natural order (original_mean); delta = mean - "
-                 "original_mean, 95% CI by a paired bootstrap over images",
+    "under each random channel order and in natural order (original_mean); delta = mean - "
+    "original_mean, 95% CI by a paired bootstrap over images",
     "pooled": "d/D where the mean SEP curve over all tokens of all images first reaches t, under each random "
-              "channel order; mean and 95% bootstrap CI over permutations; original_mean = natural order",
+    "channel order; mean and 95% bootstrap CI over permutations; original_mean = natural order",
 }
 # A cumulative fraction counts as reaching p when E_k >= p - RANK_TOLERANCE. Float64 round-off in E_k
 # is ~1e-15, so an energy that equals p exactly (by construction) is reached whichever way it rounds.
@@ -358,9 +358,9 @@ def _sep_blocks(x: Tensor) -> list[tuple[int, Tensor]]:
     per_image = 16 * n * d
     if per_image <= _CHUNK_BYTES:
         step = _CHUNK_BYTES // per_image
-        return [(a, x[a:a + step]) for a in range(0, i, step)]
+        return [(a, x[a : a + step]) for a in range(0, i, step)]
     step = max(1, _CHUNK_BYTES // (16 * d))
-    return [(a, x[a:a + 1, s:s + step]) for a in range(i) for s in range(0, n, step)]
+    return [(a, x[a : a + 1, s : s + step]) for a in range(i) for s in range(0, n, step)]
 
 
 def _image_sep_moments(
@@ -473,7 +473,7 @@ def _bootstrap_rows(size: int, seed: int) -> np.ndarray:
 def _resampled_means(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Mean of `values` `[K, P]` over each resample `rows` `[B, K]` -> `[B, P]`, in pieces of bounded memory."""
     step = max(1, _CHUNK_BYTES // (8 * values.size))
-    return np.concatenate([values[rows[a:a + step]].mean(1) for a in range(0, rows.shape[0], step)])
+    return np.concatenate([values[rows[a : a + step]].mean(1) for a in range(0, rows.shape[0], step)])
 
 
 def _pooled_summary(
@@ -488,9 +488,13 @@ def _pooled_summary(
     for c, t in enumerate(thresholds_percent):
         summary[t] = {"mean": float(mean[c]), "ci_low": float(low[c]), "ci_high": float(high[c])}
         if natural is not None:
-            summary[t].update(original_mean=float(natural[c]), std_over_permutations=float(ratios[:, c].std()),
-                              delta_mean=float(mean[c] - natural[c]), delta_ci_low=float(low[c] - natural[c]),
-                              delta_ci_high=float(high[c] - natural[c]))
+            summary[t].update(
+                original_mean=float(natural[c]),
+                std_over_permutations=float(ratios[:, c].std()),
+                delta_mean=float(mean[c] - natural[c]),
+                delta_ci_low=float(low[c] - natural[c]),
+                delta_ci_high=float(high[c] - natural[c]),
+            )
     return summary
 
 
@@ -507,10 +511,12 @@ def sep_permutation_bandwidths(
     percentile bootstrap of the mean over permutations (resamples `default_rng(seed)`).
     """
     x = _check_tokens(tokens).unsqueeze(0)
-    ratios = np.stack([
-        sep_dims(_pooled_moments(count, mean, None)[0], thresholds_percent).cpu().numpy() / x.shape[-1]
-        for count, mean in _permuted_image_curves(x, num_permutations, seed)
-    ])
+    ratios = np.stack(
+        [
+            sep_dims(_pooled_moments(count, mean, None)[0], thresholds_percent).cpu().numpy() / x.shape[-1]
+            for count, mean in _permuted_image_curves(x, num_permutations, seed)
+        ]
+    )
     return ratios, _pooled_summary(ratios, None, seed, thresholds_percent)
 
 
@@ -526,10 +532,17 @@ def _per_image_summary(
     delta_low, delta_high = np.percentile(boot_delta, [2.5, 97.5], axis=0)
     mean, natural = per_permutation.mean(0), original.mean(0)
     return {
-        t: {"mean": float(mean[c]), "ci_low": float(low[c]), "ci_high": float(high[c]),
-            "original_mean": float(natural[c]), "original_std": float(original[:, c].std()),
-            "std_over_permutations": float(per_permutation[:, c].std()), "delta_mean": float(mean[c] - natural[c]),
-            "delta_ci_low": float(delta_low[c]), "delta_ci_high": float(delta_high[c])}
+        t: {
+            "mean": float(mean[c]),
+            "ci_low": float(low[c]),
+            "ci_high": float(high[c]),
+            "original_mean": float(natural[c]),
+            "original_std": float(original[:, c].std()),
+            "std_over_permutations": float(per_permutation[:, c].std()),
+            "delta_mean": float(mean[c] - natural[c]),
+            "delta_ci_low": float(delta_low[c]),
+            "delta_ci_high": float(delta_high[c]),
+        }
         for c, t in enumerate(thresholds_percent)
     }
 
@@ -572,8 +585,12 @@ def sep_permutation_per_image(
     count, natural, _ = _image_sep_moments(x, with_spread=False)
     keep = _images_with_energy(count)
     original = _kept_ratios(natural, keep, thresholds_percent)
-    permuted = np.stack([_kept_ratios(curves, keep, thresholds_percent)
-                         for _, curves in _permuted_image_curves(x, num_permutations, seed)])
+    permuted = np.stack(
+        [
+            _kept_ratios(curves, keep, thresholds_percent)
+            for _, curves in _permuted_image_curves(x, num_permutations, seed)
+        ]
+    )
     return original, permuted, _per_image_summary(original, permuted, seed, thresholds_percent)
 
 
@@ -671,9 +688,10 @@ def _sep_summary(x: Tensor, permutations: int, seed: int) -> dict:
         "mean": mean.tolist(),
         "std": std.tolist(),
         "bandwidth": {threshold_key(t / 100): {"d": d, "ratio": r} for t, (d, r) in bandwidth.items()},
-        "image_bandwidth": {threshold_key(t / 100): {"mean": float(original[:, c].mean()),
-                                                     "std": float(original[:, c].std())}
-                            for c, t in enumerate(thresholds)},
+        "image_bandwidth": {
+            threshold_key(t / 100): {"mean": float(original[:, c].mean()), "std": float(original[:, c].std())}
+            for c, t in enumerate(thresholds)
+        },
     }
     if permutations > 0:
         pooled, permuted = [], []
@@ -686,9 +704,13 @@ def _sep_summary(x: Tensor, permutations: int, seed: int) -> dict:
             "pooled": _pooled_summary(np.stack(pooled) / x.shape[-1], natural, seed, thresholds),
         }
         sep["permutation_statistics"] = {
-            name: {"statistic": name, "definition": SEP_STATISTIC_DEFINITIONS[name],
-                   "num_permutations": permutations, "num_images": int(keep.sum()),
-                   "bandwidth": {threshold_key(t / 100): stats for t, stats in summary.items()}}
+            name: {
+                "statistic": name,
+                "definition": SEP_STATISTIC_DEFINITIONS[name],
+                "num_permutations": permutations,
+                "num_images": int(keep.sum()),
+                "bandwidth": {threshold_key(t / 100): stats for t, stats in summary.items()},
+            }
             for name, summary in summaries.items()
         }
     return sep

@@ -14,12 +14,13 @@ with ``--cpus`` CPUs, ``--epochs`` epochs) runs
 
 Reported per run: the process wall time, for (b) the wall time of ``Tuner.fit`` (``time/tune_s`` on the
 parent run: Tune's start-up, the trial's own process and imports, training, mismatch diagnostics,
-teardown; what each further trial of a sweep costs, without the once-per-sweep driver start-up), and a timeline from timestamps: trial start (the MLflow child
-run's start, the first thing a trial driver does) -> first training step (the first epoch's metric
-timestamp minus that epoch's ``time/epoch_s`` and the val pass) -> training end -> process exit. The
-ratio (b)/(a) is of the median process wall times. Runs alternate (a, b-off, b-on, a, ...). Writes JSON
-to --json (default bench/results/orchestration.json).
+teardown; what each further trial of a sweep costs, without the once-per-sweep driver start-up), and a
+timeline from timestamps: trial start (the MLflow child run's start, the first thing a trial driver does)
+-> first training step (the first epoch's metric timestamp minus that epoch's ``time/epoch_s`` and the val
+pass) -> training end -> process exit. The ratio (b)/(a) is of the median process wall times. Runs
+alternate (a, b-off, b-on, a, ...). Writes JSON to --json (default bench/results/orchestration.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,35 +46,51 @@ BASE = {
     "optim": {"lr": 2.0e-3, "lr_base_batch": 64},
     "resources": {"workers": 1},
 }
-TEACHER = {**BASE, "student": {**BASE["student"], "width": 128, "head_dim": 32}, "kd": {},
-           "schedule": {"epochs": 1, "warmup_epochs": 0}}
+TEACHER = {
+    **BASE,
+    "student": {**BASE["student"], "width": 128, "head_dim": 32},
+    "kd": {},
+    "schedule": {"epochs": 1, "warmup_epochs": 0},
+}
 
 
 # ------------------------------------------------------------------ (a): the in-process child
 
+
 def run_in_process_child(config_file: str, out_file: str) -> None:
     """Child process of (a): ``fit`` on the config, timestamps of the first step and the end to JSON."""
     t_imported = time.time()
-    from trainables.config import load_train_config
-    from trainables.engine import fit
+    from encmm.trainables.config import load_train_config
+    from encmm.trainables.engine import fit
 
     cfg = load_train_config(config_file)
     logs = []
     t_fit = time.time()
-    fit(cfg, log=lambda metrics, step: logs.append((time.time(), metrics)),
-        checkpoint_dir=Path(out_file).parent / "checkpoints")
+    fit(
+        cfg,
+        log=lambda metrics, step: logs.append((time.time(), metrics)),
+        checkpoint_dir=Path(out_file).parent / "checkpoints",
+    )
     t_end = time.time()
-    Path(out_file).write_text(json.dumps({
-        "t_imported": t_imported, "t_fit": t_fit, "t_end": t_end,
-        "epochs": [{"t": t, "epoch_s": m["time/epoch_s"]} for t, m in logs]}))
+    Path(out_file).write_text(
+        json.dumps(
+            {
+                "t_imported": t_imported,
+                "t_fit": t_fit,
+                "t_end": t_end,
+                "epochs": [{"t": t, "epoch_s": m["time/epoch_s"]} for t, m in logs],
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------ the parent
 
+
 def make_teacher(folder: Path) -> Path:
     """A width-128 teacher checkpoint (1 epoch in-process: its quality does not matter for timing)."""
-    from trainables.config import TrainConfig
-    from trainables.engine import fit
+    from encmm.trainables.config import TrainConfig
+    from encmm.trainables.engine import fit
 
     fit(TrainConfig.model_validate({**TEACHER, "name": "bench-teacher"}), checkpoint_dir=folder)
     return folder / "best.pt"
@@ -102,8 +119,13 @@ def run_a(args, teacher: Path, folder: Path) -> dict:
     out = folder / "timeline.json"
     threads = str(max(1, math.floor(args.cpus)))
     start = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--in-process-child", str(config), str(out)], cwd=folder,
-                          env=child_env(OMP_NUM_THREADS=threads), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--in-process-child", str(config), str(out)],
+        cwd=folder,
+        env=child_env(OMP_NUM_THREADS=threads),
+        capture_output=True,
+        text=True,
+    )
     end = time.time()
     if proc.returncode:
         raise SystemExit(f"in-process run failed:\n{proc.stderr[-3000:]}")
@@ -111,10 +133,16 @@ def run_a(args, teacher: Path, folder: Path) -> dict:
     first = t["epochs"][0]
     first_step = first["t"] - first["epoch_s"]
     training = sum(e["epoch_s"] for e in t["epochs"])
-    return {"mode": "in-process", "wall_s": end - start, "threads": int(threads),
-            "start_to_first_step_s": first_step - start, "setup_to_first_step_s": first_step - t["t_fit"],
-            "train_s": training, "first_step_to_end_s": t["t_end"] - first_step,
-            "after_training_s": end - t["epochs"][-1]["t"]}
+    return {
+        "mode": "in-process",
+        "wall_s": end - start,
+        "threads": int(threads),
+        "start_to_first_step_s": first_step - start,
+        "setup_to_first_step_s": first_step - t["t_fit"],
+        "train_s": training,
+        "first_step_to_end_s": t["t_end"] - first_step,
+        "after_training_s": end - t["epochs"][-1]["t"],
+    }
 
 
 def run_b(args, teacher: Path, folder: Path, local_mode: str) -> dict:
@@ -122,13 +150,25 @@ def run_b(args, teacher: Path, folder: Path, local_mode: str) -> dict:
 
     folder.mkdir(parents=True)
     sweep = folder / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
-        "name": "bench-orchestration", "base": train_tree(args, teacher, local_mode),
-        "search": {"grid": {"seed": [0]}}, "mismatch_images": args.mismatch_images}))
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bench-orchestration",
+                "base": train_tree(args, teacher, local_mode),
+                "search": {"grid": {"seed": [0]}},
+                "mismatch_images": args.mismatch_images,
+            }
+        )
+    )
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep)], cwd=folder,
-                          env=child_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "encmm.orchestrator.cli", "sweep", str(sweep)],
+        cwd=folder,
+        env=child_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+    )
     end = time.time()
     (folder / "sweep.log").write_text(proc.stdout + "\n---- stderr\n" + proc.stderr)
     if proc.returncode:
@@ -143,15 +183,21 @@ def run_b(args, teacher: Path, folder: Path, local_mode: str) -> dict:
     first_step = stamps[0] - epoch_s[0]
     trial_start = child.info.start_time / 1000
     last = stamps[max(stamps)]
-    return {"mode": f"sweep local_mode={local_mode}", "wall_s": end - start, "status": child.info.status,
-            "start_to_parent_run_s": parent.info.start_time / 1000 - start,
-            "start_to_trial_start_s": trial_start - start,
-            "trial_start_to_first_step_s": first_step - trial_start,
-            "start_to_first_step_s": first_step - start, "train_s": sum(epoch_s.values()),
-            "first_step_to_last_epoch_s": last - first_step,
-            "last_epoch_to_trial_end_s": child.info.end_time / 1000 - last,
-            "trial_end_to_exit_s": end - child.info.end_time / 1000, "after_training_s": end - last,
-            "tune_s": parent.data.metrics["time/tune_s"]}
+    return {
+        "mode": f"sweep local_mode={local_mode}",
+        "wall_s": end - start,
+        "status": child.info.status,
+        "start_to_parent_run_s": parent.info.start_time / 1000 - start,
+        "start_to_trial_start_s": trial_start - start,
+        "trial_start_to_first_step_s": first_step - trial_start,
+        "start_to_first_step_s": first_step - start,
+        "train_s": sum(epoch_s.values()),
+        "first_step_to_last_epoch_s": last - first_step,
+        "last_epoch_to_trial_end_s": child.info.end_time / 1000 - last,
+        "trial_end_to_exit_s": end - child.info.end_time / 1000,
+        "after_training_s": end - last,
+        "tune_s": parent.data.metrics["time/tune_s"],
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -193,18 +239,33 @@ def main() -> None:
         if "tune_s" in med:
             med["tune_ratio_vs_in_process"] = med["tune_s"] / base
         summary.append(med)
-    print("\n| run | process wall s | ratio vs in-process | Tune wall s (the trial) | trial ratio vs in-process "
-          "(<= 1.15) | start -> first step s | trial start -> first step s | training s | after training s |"
-          "\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| run | process wall s | ratio vs in-process | Tune wall s (the trial) | trial ratio vs in-process "
+        "(<= 1.15) | start -> first step s | trial start -> first step s | training s | after training s |"
+        "\n|---|---|---|---|---|---|---|---|---|"
+    )
     for s in summary:
         trial = s.get("trial_start_to_first_step_s", s.get("setup_to_first_step_s"))
         tune = f"{s['tune_s']:.1f} | {s['tune_ratio_vs_in_process']:.3f}" if "tune_s" in s else "- | -"
-        print(f"| {s['mode']} | {s['wall_s']:.1f} | {s['ratio_vs_in_process']:.3f} | {tune} "
-              f"| {s['start_to_first_step_s']:.1f} | {trial:.1f} | {s['train_s']:.1f} | {s['after_training_s']:.1f} |")
+        print(
+            f"| {s['mode']} | {s['wall_s']:.1f} | {s['ratio_vs_in_process']:.3f} | {tune} "
+            f"| {s['start_to_first_step_s']:.1f} | {trial:.1f} | {s['train_s']:.1f} | {s['after_training_s']:.1f} |"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "nproc": os.cpu_count(), "argv": sys.argv[1:],
-        "epochs": args.epochs, "cpus_per_worker": args.cpus, "summary": summary, "runs": runs}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "nproc": os.cpu_count(),
+                "argv": sys.argv[1:],
+                "epochs": args.epochs,
+                "cpus_per_worker": args.cpus,
+                "summary": summary,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {args.json}" + (f"; runs kept in {folder}" if args.keep else ""))
     if not args.keep:
         import shutil

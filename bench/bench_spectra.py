@@ -15,14 +15,14 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.spectra import RANK_TOLERANCE, svd_rank  # noqa: E402
+from encmm.analysis.spectra import RANK_TOLERANCE, svd_rank  # noqa: E402
 
 THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
 
@@ -100,8 +100,9 @@ def on_host(ranks) -> np.ndarray:
     return ranks.cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
 
 
-def hard_set_mismatches(method: Callable[[torch.Tensor], torch.Tensor], hard: torch.Tensor,
-                        reference: np.ndarray) -> int | str:
+def hard_set_mismatches(
+    method: Callable[[torch.Tensor], torch.Tensor], hard: torch.Tensor, reference: np.ndarray
+) -> int | str:
     """Images of the hard set whose ranks differ from the reference, or why the method gave none
     (cuSOLVER's gesvda refuses rank-deficient batches: "failed to converge")."""
     try:
@@ -147,12 +148,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--numpy-images", type=int, default=None,
-                        help="run the numpy loop on the first K images of each layer only; its time is scaled up")
-    parser.add_argument("--methods", default=None,
-                        help=f"comma-separated subset of {','.join(METHODS)} (default: all the device runs)")
-    parser.add_argument("--full", action="store_true",
-                        help="1,000 images x 24 layers of 196x384 (GPU target); numpy loop on 50 images a layer")
+    parser.add_argument(
+        "--numpy-images",
+        type=int,
+        default=None,
+        help="run the numpy loop on the first K images of each layer only; its time is scaled up",
+    )
+    parser.add_argument(
+        "--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default: all the device runs)"
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="1,000 images x 24 layers of 196x384 (GPU target); numpy loop on 50 images a layer",
+    )
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "spectra.json")
     args = parser.parse_args()
     if args.full:
@@ -165,7 +174,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    chosen = args.methods.split(",") if args.methods else [m for m in METHODS if "gesvda" not in m or device.type == "cuda"]
+    chosen = (
+        args.methods.split(",") if args.methods else [m for m in METHODS if "gesvda" not in m or device.type == "cuda"]
+    )
     unknown = set(chosen) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
@@ -192,12 +203,21 @@ def main() -> None:
     hard_mismatched[REFERENCE] = 0
 
     baseline = totals[REFERENCE]
-    rows = [{"method": name, "seconds": totals[name], "speedup": baseline / totals[name],
-             "mismatched_images": mismatched[name], "hard_mismatched_images": hard_mismatched[name]}
-            for name in totals]
+    rows = [
+        {
+            "method": name,
+            "seconds": totals[name],
+            "speedup": baseline / totals[name],
+            "mismatched_images": mismatched[name],
+            "hard_mismatched_images": hard_mismatched[name],
+        }
+        for name in totals
+    ]
     checked = numpy_images * args.layers
-    print(f"\n{args.layers} x {args.images} matrices of {args.tokens}x{args.channels} float32 on {device}, "
-          f"{torch.get_num_threads()} torch threads; ranks checked on {checked} matrices")
+    print(
+        f"\n{args.layers} x {args.images} matrices of {args.tokens}x{args.channels} float32 on {device}, "
+        f"{torch.get_num_threads()} torch threads; ranks checked on {checked} matrices"
+    )
     if numpy_images < args.images:
         print(f"numpy loop time scaled up from {numpy_images} images per layer")
     print(f"hard set: {hard.shape[0]} knife-edge matrices (flat spectra with E_k = p exactly, log spectra)")
@@ -207,13 +227,27 @@ def main() -> None:
         print(f"{row['method']:24s} {row['seconds']:9.3f} {row['speedup']:8.1f}x  {differ:>36s}")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "images": args.images, "tokens": args.tokens, "channels": args.channels, "layers": args.layers,
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "numpy_images": numpy_images, "repeats": args.repeats,
-        "thresholds": list(THRESHOLDS), "results": rows,
-    }, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "images": args.images,
+                "tokens": args.tokens,
+                "channels": args.channels,
+                "layers": args.layers,
+                "device": str(device),
+                "device_name": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "numpy_images": numpy_images,
+                "repeats": args.repeats,
+                "thresholds": list(THRESHOLDS),
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.json}")
 
 

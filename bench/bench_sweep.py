@@ -10,6 +10,7 @@ trial drivers): RSS (what the targets name; shared library pages count once per 
 pages split between the processes sharing them: closer to what the machine really holds). Processes are
 the CLI's descendants plus anything in its session. Prints a table; writes JSON to --json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def read_stat(pid: int) -> tuple[int, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return int(fields[1]), int(fields[3])
 
 
@@ -122,14 +123,15 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "orchestrator.cli", "sweep", *([args.sweep] if args.sweep else [])]
+    command = [sys.executable, "-m", "encmm.orchestrator.cli", "sweep", *([args.sweep] if args.sweep else [])]
     for item in args.overrides:
         command += ["--set", item]
     log = folder / "sweep.log"
     start = time.time()
     with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         sampler = Sampler(proc.pid, args.interval)
         sampler.start()
         code = proc.wait()
@@ -142,8 +144,10 @@ def main() -> None:
     finished = len(re.findall(r"\| FINISHED \|", text))
     rss_gb, pss_gb = sampler.peak_rss / 2**20, sampler.peak_pss / 2**20
     print("| figure | value | target | ratio to target |\n|---|---|---|---|")
-    print(f"| wall time (teacher {'trained' if teacher and teacher.group(1) == 'training' else 'reused'}) "
-          f"| {wall:.0f} s | <= {TARGET_S:.0f} s | {wall / TARGET_S:.2f} |")
+    print(
+        f"| wall time (teacher {'trained' if teacher and teacher.group(1) == 'training' else 'reused'}) "
+        f"| {wall:.0f} s | <= {TARGET_S:.0f} s | {wall / TARGET_S:.2f} |"
+    )
     print(f"| peak RSS, all processes | {rss_gb:.2f} GB | <= {TARGET_GB:g} GB | {rss_gb / TARGET_GB:.2f} |")
     print(f"| peak PSS, all processes | {pss_gb:.2f} GB | (RSS counts shared pages per process) | |")
     print(f"| processes at the peak / most seen | {len(sampler.peak_breakdown)} / {sampler.peak_processes} | | |")
@@ -152,13 +156,25 @@ def main() -> None:
     for rss, pss, name in sampler.peak_breakdown[:8]:
         print(f"  {rss / 1024:7.0f} {pss / 1024:7.0f}  {name}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "nproc": os.cpu_count(), "command": command[2:],
-        "exit_code": code, "wall_s": wall, "peak_rss_gb": rss_gb, "peak_pss_gb": pss_gb,
-        "teacher": "trained" if teacher and teacher.group(1) == "training" else "reused",
-        "trials_finished": finished, "targets": {"wall_s": TARGET_S, "rss_gb": TARGET_GB},
-        "peak_breakdown_mb": [(round(r / 1024), round(p / 1024), n) for r, p, n in sampler.peak_breakdown],
-        "samples": sampler.samples}, indent=1))
+    args.json.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "nproc": os.cpu_count(),
+                "command": command[2:],
+                "exit_code": code,
+                "wall_s": wall,
+                "peak_rss_gb": rss_gb,
+                "peak_pss_gb": pss_gb,
+                "teacher": "trained" if teacher and teacher.group(1) == "training" else "reused",
+                "trials_finished": finished,
+                "targets": {"wall_s": TARGET_S, "rss_gb": TARGET_GB},
+                "peak_breakdown_mb": [(round(r / 1024), round(p / 1024), n) for r, p, n in sampler.peak_breakdown],
+                "samples": sampler.samples,
+            },
+            indent=1,
+        )
+    )
     print(f"\nwrote {args.json}; log: {log}" + ("" if args.keep else " (folder removed)"))
     if not args.keep:
         import shutil

@@ -18,10 +18,10 @@ variants; img/s are medians, the ratio is against ``timm`` in the same mode. Eve
 against timm's block on random tokens with the head-mixing weights drawn at full scale: in fp32, under bf16
 autocast, and both against timm in fp32 (how much of the bf16 error is timm's own). Writes JSON to --json.
 """
+
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -33,13 +33,16 @@ import torch
 from timm.models.cait import TalkingHeadAttn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainables.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from trainables.teacher import FrozenTeacher, FusedTalkingHeadAttn, fuse_talking_heads  # noqa: E402
-
 from folded_attention import ExpandedSdpaTalkingHeadAttn, FoldedTalkingHeadAttn  # noqa: E402  (bench/)
 
-SWAPPED_CLASS = {"fused": FusedTalkingHeadAttn, "fused-expanded": ExpandedSdpaTalkingHeadAttn,
-                 "folded": FoldedTalkingHeadAttn}
+from encmm.trainables.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from encmm.trainables.teacher import FrozenTeacher, FusedTalkingHeadAttn, fuse_talking_heads  # noqa: E402
+
+SWAPPED_CLASS = {
+    "fused": FusedTalkingHeadAttn,
+    "fused-expanded": ExpandedSdpaTalkingHeadAttn,
+    "folded": FoldedTalkingHeadAttn,
+}
 VARIANTS = ["timm", *SWAPPED_CLASS]
 
 
@@ -49,8 +52,14 @@ def make_teacher(name: str, img_size: int, device: torch.device, variant: str) -
     swapped = fuse_talking_heads(model.eval(), SWAPPED_CLASS[variant]) if variant != "timm" else 0
     if variant != "timm" and swapped == 0:
         raise SystemExit(f"{name} has no talking-heads attention to swap")
-    return FrozenTeacher(model, -1, student_mean=IMAGENET_MEAN, student_std=IMAGENET_STD,
-                         teacher_mean=IMAGENET_MEAN, teacher_std=IMAGENET_STD).to(device)
+    return FrozenTeacher(
+        model,
+        -1,
+        student_mean=IMAGENET_MEAN,
+        student_std=IMAGENET_STD,
+        teacher_mean=IMAGENET_MEAN,
+        teacher_std=IMAGENET_STD,
+    ).to(device)
 
 
 def block_relative_errors(variant: str, dim: int, heads: int, tokens: int, device: torch.device) -> dict:
@@ -59,13 +68,15 @@ def block_relative_errors(variant: str, dim: int, heads: int, tokens: int, devic
     torch.manual_seed(1)
     block = TalkingHeadAttn(dim, num_heads=heads, qkv_bias=True).to(device).eval()
     for layer in (block.proj_l, block.proj_w):
-        torch.nn.init.normal_(layer.weight, std=heads ** -0.5)
+        torch.nn.init.normal_(layer.weight, std=heads**-0.5)
         torch.nn.init.normal_(layer.bias, std=0.5)
     block.__class__ = SWAPPED_CLASS[variant]
     x = torch.randn(4, tokens, dim, device=device)
     errors, outputs = {}, {}
-    for label, autocast in (("fp32", torch.autocast(device.type, enabled=False)),
-                            ("bf16", torch.autocast(device.type, dtype=torch.bfloat16))):
+    for label, autocast in (
+        ("fp32", torch.autocast(device.type, enabled=False)),
+        ("bf16", torch.autocast(device.type, dtype=torch.bfloat16)),
+    ):
         with torch.no_grad(), autocast:
             outputs[label] = block(x).double(), TalkingHeadAttn.forward(block, x).double()  # (variant, timm)
         ours, reference = outputs[label]
@@ -119,14 +130,20 @@ def bench_mode(args, device: torch.device, compile_on: bool, batch: torch.Tensor
         teachers[variant] = teacher
     rates = {v: [] for v in args.variants}
     for r in range(args.repeats):
-        order = args.variants[r % len(args.variants):] + args.variants[:r % len(args.variants)]
+        order = args.variants[r % len(args.variants) :] + args.variants[: r % len(args.variants)]
         for variant in order:
-            rates[variant].append(args.steps * len(batch) / time_forward(teachers[variant], batch, args.steps,
-                                                                         autocast, device))
+            rates[variant].append(
+                args.steps * len(batch) / time_forward(teachers[variant], batch, args.steps, autocast, device)
+            )
     rows = []
     for variant in args.variants:
-        row = {"variant": variant, "compile": compile_on, "img_s": statistics.median(rates[variant]),
-               "img_s_all": rates[variant], "warmup_s": warmup_s[variant]}
+        row = {
+            "variant": variant,
+            "compile": compile_on,
+            "img_s": statistics.median(rates[variant]),
+            "img_s_all": rates[variant],
+            "warmup_s": warmup_s[variant],
+        }
         if "timm" in rates:
             row["ratio_vs_timm"] = row["img_s"] / statistics.median(rates["timm"])
         if device.type == "cuda" and variant == "fused" and not compile_on:
@@ -138,12 +155,15 @@ def bench_mode(args, device: torch.device, compile_on: bool, batch: torch.Tensor
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--model", default=None, help="timm CaiT name (default cait_s24_224 on cuda, cait_xxs24_224 "
-                                                       "on cpu)")
+    parser.add_argument(
+        "--model", default=None, help="timm CaiT name (default cait_s24_224 on cuda, cait_xxs24_224 on cpu)"
+    )
     parser.add_argument("--img-size", type=int, default=None, help="default 224 on cuda, 64 on cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 on cuda, 8 on cpu")
     parser.add_argument("--variants", default="timm,fused,fused-expanded,folded")
-    parser.add_argument("--compile", choices=["off", "on", "both"], default=None, help="default both on cuda, off on cpu")
+    parser.add_argument(
+        "--compile", choices=["off", "on", "both"], default=None, help="default both on cuda, off on cpu"
+    )
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's; the engine's)")
     parser.add_argument("--steps", type=int, default=20, help="forwards per timed pass")
     parser.add_argument("--warmup", type=int, default=5)
@@ -167,8 +187,9 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     batch = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     probe = make_teacher(args.model, args.img_size, device, "timm")
     attn = next(m for m in probe.modules() if isinstance(m, TalkingHeadAttn))
@@ -182,26 +203,51 @@ def main() -> None:
             row["tflops"] = flops / len(batch) * row["img_s"] / 1e12
             row.update({f"block_rel_error_{k}": e for k, e in errors.get(row["variant"], {}).items()})
             rows.append(row)
-            print(f"  {row['variant']:>6} compile={'on' if compile_on else 'off'}: {row['img_s']:,.0f} img/s"
-                  f" (x{row.get('ratio_vs_timm', 1):.3f} timm), warm-up {row['warmup_s']:.1f} s"
-                  + (f", kernels {row['attention_kernels']}" if "attention_kernels" in row else ""), flush=True)
-    print(f"\n{args.model}, {args.img_size} px, batch {args.batch_size}, {device.type}"
-          f"{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
-          f"{flops / len(batch) / 1e9:.2f} GFLOP/img (timm's forward)")
-    print("| variant | compile | img/s | vs timm | TFLOP/s (model FLOPs) | block rel. error vs timm: fp32 / bf16 | "
-          "bf16 vs timm fp32: variant / timm |\n|---|---|--:|--:|--:|---|---|")
+            print(
+                f"  {row['variant']:>6} compile={'on' if compile_on else 'off'}: {row['img_s']:,.0f} img/s"
+                f" (x{row.get('ratio_vs_timm', 1):.3f} timm), warm-up {row['warmup_s']:.1f} s"
+                + (f", kernels {row['attention_kernels']}" if "attention_kernels" in row else ""),
+                flush=True,
+            )
+    print(
+        f"\n{args.model}, {args.img_size} px, batch {args.batch_size}, {device.type}"
+        f"{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
+        f"{flops / len(batch) / 1e9:.2f} GFLOP/img (timm's forward)"
+    )
+    print(
+        "| variant | compile | img/s | vs timm | TFLOP/s (model FLOPs) | block rel. error vs timm: fp32 / bf16 | "
+        "bf16 vs timm fp32: variant / timm |\n|---|---|--:|--:|--:|---|---|"
+    )
     for r in rows:
-        err = (f"{r['block_rel_error_fp32']:.1e} / {r['block_rel_error_bf16']:.1e} | "
-               f"{r['block_rel_error_bf16_vs_fp32']:.1e} / {r['block_rel_error_timm_bf16_vs_fp32']:.1e}"
-               if "block_rel_error_fp32" in r else "(reference) |")
-        print(f"| {r['variant']} | {'on' if r['compile'] else 'off'} | {r['img_s']:,.0f} | "
-              f"{r.get('ratio_vs_timm', 1):.3f} | {r['tflops']:.1f} | {err} |")
+        err = (
+            f"{r['block_rel_error_fp32']:.1e} / {r['block_rel_error_bf16']:.1e} | "
+            f"{r['block_rel_error_bf16_vs_fp32']:.1e} / {r['block_rel_error_timm_bf16_vs_fp32']:.1e}"
+            if "block_rel_error_fp32" in r
+            else "(reference) |"
+        )
+        print(
+            f"| {r['variant']} | {'on' if r['compile'] else 'off'} | {r['img_s']:,.0f} | "
+            f"{r.get('ratio_vs_timm', 1):.3f} | {r['tflops']:.1f} | {err} |"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "device": device.type,
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "timm": timm.__version__, "flops_per_image": flops / len(batch),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "results": rows}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "img_size": args.img_size,
+                "batch_size": args.batch_size,
+                "device": device.type,
+                "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "flops_per_image": flops / len(batch),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "argv": sys.argv[1:],
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.json}")
 
 

@@ -13,13 +13,14 @@ Here both mixings ride inside matmuls with a larger inner dimension instead:
 8x the FLOPs of the two attention matmuls (inner dimension C = H*d, and H*N), about 3 TFLOP more per
 step of 256 images, in exchange for no separate pass over the mixed maps.
 """
+
 from __future__ import annotations
 
 import torch
 from timm.models.cait import TalkingHeadAttn
 from torch import nn
 
-from trainables.teacher import FusedTalkingHeadAttn, fuse_talking_heads
+from encmm.trainables.teacher import FusedTalkingHeadAttn, fuse_talking_heads
 
 
 class FoldedTalkingHeadAttn(TalkingHeadAttn):
@@ -51,7 +52,8 @@ class ExpandedSdpaTalkingHeadAttn(FusedTalkingHeadAttn):
     def attend(self, q_mixed: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
         b, g, n, c = q_mixed.shape
         return torch.nn.functional.scaled_dot_product_attention(
-            q_mixed, k_all.expand(b, g, n, c), v_all.expand(b, g, n, c), scale=self.scale)
+            q_mixed, k_all.expand(b, g, n, c), v_all.expand(b, g, n, c), scale=self.scale
+        )
 
 
 def fold_talking_heads(model: nn.Module) -> int:

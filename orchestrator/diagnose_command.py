@@ -6,26 +6,27 @@ tracking store, the model, the images or saved features) and creates nothing, ra
 math out as Ray tasks (analysis/ray_tasks.py), writes ``<out>/diagnostics.json``, CSV tables and PNG
 figures, and logs them all to one MLflow run that ends FINISHED, or FAILED on a crash.
 """
+
 from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import yaml
 
-from analysis import features as feats
-from analysis.spectra import SEP_STATISTICS, check_thresholds, threshold_key
-from orchestrator import tracking
-from trainables.config import ConfigError
+from encmm.analysis import features as feats
+from encmm.analysis.spectra import SEP_STATISTICS, check_thresholds, threshold_key
+from encmm.orchestrator import tracking
+from encmm.orchestrator.outputs import check_out_folder
+from encmm.trainables.config import ConfigError
 
 DATASET_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 RANK_STATS = ("p99", "mean", "median", "std", "q25", "q75")
@@ -110,8 +111,12 @@ def _select_layers(text: str | None, count: int) -> list[int]:
 
 
 def _check_counts(o: DiagnoseOptions) -> None:
-    for name, value, low in (("--images-per-class", o.images_per_class, 1), ("--permutations", o.permutations, 0),
-                             ("--pairs", o.pairs, 0), ("--batch-size", o.batch_size, 1)):
+    for name, value, low in (
+        ("--images-per-class", o.images_per_class, 1),
+        ("--permutations", o.permutations, 0),
+        ("--pairs", o.pairs, 0),
+        ("--batch-size", o.batch_size, 1),
+    ):
         if value < low:
             raise ConfigError(f"{name}: must be >= {low}, got {value}")
 
@@ -140,8 +145,10 @@ def _sources(o: DiagnoseOptions) -> list[str]:
     if names == ["--model", "--features"] and not o.pretrained and not o.model_args:
         names = ["--features"]
     if len(names) != 1:
-        raise ConfigError(f"give exactly one of --model, --checkpoint, --run, --features (got "
-                          f"{', '.join(names) if names else 'none'})")
+        raise ConfigError(
+            f"give exactly one of --model, --checkpoint, --run, --features (got "
+            f"{', '.join(names) if names else 'none'})"
+        )
     return names
 
 
@@ -178,21 +185,21 @@ def _timm_model(o: DiagnoseOptions):
 
 
 def _encmm_model(path: Path, where: str):
-    from trainables.teacher import load_checkpoint_file, model_from_checkpoint
+    from encmm.trainables.teacher import load_checkpoint_file, model_from_checkpoint
 
     try:
         ckpt = load_checkpoint_file(path)
     except Exception as exc:  # noqa: BLE001 - not a torch file, or one holding more than tensors and plain data
-        raise ConfigError(f"{where}: not an encmm checkpoint: torch.load(weights_only=True) cannot read it "
-                          f"({exc.__class__.__name__})") from None
+        raise ConfigError(
+            f"{where}: not an encmm checkpoint: torch.load(weights_only=True) cannot read it ({exc.__class__.__name__})"
+        ) from None
     try:
         model, spec = model_from_checkpoint(ckpt)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"{where}: not an encmm checkpoint: {_first_line(exc)}") from None
     size = int(spec["img_size"])
     crop_pct = float(((ckpt.get("config") or {}).get("data") or {}).get("crop_pct", 0.875))
-    input_spec = feats.InputSpec(size=(size, size), mean=tuple(spec["mean"]), std=tuple(spec["std"]),
-                                 crop_pct=crop_pct)
+    input_spec = feats.InputSpec(size=(size, size), mean=tuple(spec["mean"]), std=tuple(spec["std"]), crop_pct=crop_pct)
     student = spec["student"]
     return model, input_spec, f"{student['model']}+{student['remedy']}"
 
@@ -207,7 +214,7 @@ def _image_source(o: DiagnoseOptions, spec: feats.InputSpec) -> tuple[str, int, 
     """(data label, number of images, a factory of normalised `[B, 3, H, W]` batches)."""
     data, k, batch = o.data or "digits", o.images_per_class, o.batch_size
     if data == "digits":
-        from trainables.data import DIGITS_MEAN, DIGITS_STD, load_digits_tensors
+        from encmm.trainables.data import DIGITS_MEAN, DIGITS_STD, load_digits_tensors
 
         # At their native 8x8 (an exact copy), then resized: equal to load_digits_tensors(size)[chosen]
         # without holding all 1,797 images at the model's size.
@@ -225,8 +232,10 @@ def _image_source(o: DiagnoseOptions, spec: feats.InputSpec) -> tuple[str, int, 
         transform = feats.eval_transform(spec)
         return str(path.resolve()), len(files), lambda: feats.file_batches(files, transform, batch)
     if not data.startswith(DATASET_PREFIXES):
-        raise ConfigError(f"--data: {data!r} is neither 'digits', an ImageFolder folder, nor a timm dataset "
-                          f"name ({', '.join(p + '...' for p in DATASET_PREFIXES)})")
+        raise ConfigError(
+            f"--data: {data!r} is neither 'digits', an ImageFolder folder, nor a timm dataset "
+            f"name ({', '.join(p + '...' for p in DATASET_PREFIXES)})"
+        )
     return _timm_dataset(data, o, spec)
 
 
@@ -235,8 +244,9 @@ def _timm_dataset(name: str, o: DiagnoseOptions, spec: feats.InputSpec):
 
     root = str(Path(o.data_root or "data").resolve())
     try:
-        dataset = create_dataset(name, root=root, split="validation", download=False,
-                                 transform=feats.eval_transform(spec))
+        dataset = create_dataset(
+            name, root=root, split="validation", download=False, transform=feats.eval_transform(spec)
+        )
         labels = getattr(dataset, "targets", None)
         if labels is None:
             labels = [target for _, target in dataset.reader.samples]
@@ -248,19 +258,9 @@ def _timm_dataset(name: str, o: DiagnoseOptions, spec: feats.InputSpec):
     return name, len(chosen), lambda: feats.dataset_batches(dataset, chosen, o.batch_size)
 
 
-def check_out_folder(folder: Path) -> None:
-    """``--out`` must be a folder, or a path where one can be made (its nearest existing parent a writable folder)."""
-    folder = folder.resolve()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"--out: {existing} exists and is not a folder")
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"--out: {existing} is not writable")
-
-
 def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
     """Validate every input; create nothing. Raises ConfigError (one line) or TrackingError."""
-    from analysis.saved_features import load_saved_features
+    from encmm.analysis.saved_features import load_saved_features
 
     source = _sources(o)[0]
     thresholds = _parse_thresholds(o.thresholds)
@@ -279,9 +279,16 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
     uri = tracking.resolve_tracking_uri(o.tracking_uri)
     tracking.check_tracking(uri)
 
-    params = {"source": source.removeprefix("--"), "thresholds": ",".join(threshold_key(p) for p in thresholds),
-              "images_per_class": o.images_per_class, "center": o.center, "permutations": o.permutations,
-              "sep_statistic": o.sep_statistic, "pairs": o.pairs, "seed": o.seed}
+    params = {
+        "source": source.removeprefix("--"),
+        "thresholds": ",".join(threshold_key(p) for p in thresholds),
+        "images_per_class": o.images_per_class,
+        "center": o.center,
+        "permutations": o.permutations,
+        "sep_statistic": o.sep_statistic,
+        "pairs": o.pairs,
+        "seed": o.seed,
+    }
     plan_kwargs: dict = {}
     if source == "--features":
         try:
@@ -313,14 +320,27 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
         indices = _select_layers(o.layers, len(shapes))
         data_label, num_images, batches = _image_source(o, spec)
         plan_kwargs.update(model=model, batches=batches)
-        params.update(input_size=f"{spec.size[0]}x{spec.size[1]}", pretrained=o.pretrained,
-                      model_args=",".join(o.model_args) or None)
+        params.update(
+            input_size=f"{spec.size[0]}x{spec.size[1]}",
+            pretrained=o.pretrained,
+            model_args=",".join(o.model_args) or None,
+        )
     params.update(model=label, data=data_label, images=num_images, layers=",".join(map(str, indices)))
     if out is None:
         out = Path.cwd() / "diagnostics" / f"{tracking.safe_name(label, 80, 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return DiagnosePlan(label=label, thresholds=thresholds, layer_indices=indices, num_images=num_images,
-                        out=out.resolve(), uri=uri, experiment=o.experiment, params=params, options=o,
-                        device=device, **plan_kwargs)
+    return DiagnosePlan(
+        label=label,
+        thresholds=thresholds,
+        layer_indices=indices,
+        num_images=num_images,
+        out=out.resolve(),
+        uri=uri,
+        experiment=o.experiment,
+        params=params,
+        options=o,
+        device=device,
+        **plan_kwargs,
+    )
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -341,11 +361,18 @@ def build_report(plan: DiagnosePlan, results: list[dict]) -> dict:
         sep = {"bandwidth": result["sep"]["bandwidth"], "image_bandwidth": result["sep"]["image_bandwidth"]}
         if "permutation" in result["sep"]:
             sep["permutation"] = result["sep"]["permutation"]
-        layers.append({"index": index, "tokens": result["tokens"], "channels": result["channels"],
-                       "svd_rank": result["svd_rank"], "pca_rank": result["pca_rank"], "sep": sep,
-                       "rotation": result["rotation"]})
-    return {"model": plan.label, "num_images": plan.num_images, "thresholds": list(plan.thresholds),
-            "layers": layers}
+        layers.append(
+            {
+                "index": index,
+                "tokens": result["tokens"],
+                "channels": result["channels"],
+                "svd_rank": result["svd_rank"],
+                "pca_rank": result["pca_rank"],
+                "sep": sep,
+                "rotation": result["rotation"],
+            }
+        )
+    return {"model": plan.label, "num_images": plan.num_images, "thresholds": list(plan.thresholds), "layers": layers}
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
@@ -363,38 +390,86 @@ def write_tables(out: Path, report: dict, results: list[dict], last_arrays: dict
         i = layer["index"]
         for kind in ("svd_rank", "pca_rank"):
             for p, stats in layer[kind].items():
-                rank_rows.append([i, layer["tokens"], layer["channels"], kind.removesuffix("_rank"), p,
-                                  *(stats[s] for s in RANK_STATS)])
+                rank_rows.append(
+                    [
+                        i,
+                        layer["tokens"],
+                        layer["channels"],
+                        kind.removesuffix("_rank"),
+                        p,
+                        *(stats[s] for s in RANK_STATS),
+                    ]
+                )
         permutation = layer["sep"].get("permutation", {})
         for t, band in layer["sep"]["bandwidth"].items():
             perm, image = permutation.get("bandwidth", {}).get(t, {}), layer["sep"]["image_bandwidth"][t]
-            sep_rows.append([i, layer["channels"], t, band["d"], band["ratio"], perm.get("mean"),
-                             perm.get("ci_low"), perm.get("ci_high"), image["mean"], image["std"],
-                             permutation.get("statistic"), *(perm.get(k) for k in SEP_CSV_PERMUTATION)])
+            sep_rows.append(
+                [
+                    i,
+                    layer["channels"],
+                    t,
+                    band["d"],
+                    band["ratio"],
+                    perm.get("mean"),
+                    perm.get("ci_low"),
+                    perm.get("ci_high"),
+                    image["mean"],
+                    image["std"],
+                    permutation.get("statistic"),
+                    *(perm.get(k) for k in SEP_CSV_PERMUTATION),
+                ]
+            )
         for reference, by_p in layer["rotation"].items():
             for p, stats in by_p.items():
-                rotation_rows.append([i, reference, p, stats["overlap_mean"], stats["overlap_median"],
-                                      stats["angle_mean_deg"]])
+                rotation_rows.append(
+                    [i, reference, p, stats["overlap_mean"], stats["overlap_median"], stats["angle_mean_deg"]]
+                )
         for j, (mean, std) in enumerate(zip(result["sep"]["mean"], result["sep"]["std"])):
             sep_curve_rows.append([i, j, mean, std])
         energy = result["energy_percentiles"]
         for d, values in enumerate(zip(result["pca_spectrum"], energy["median"], energy["p10"], energy["p1"]), 1):
             pca_rows.append([i, d, *values])
     keys = [threshold_key(p) for p in report["thresholds"]]
-    per_image = [[n, *svd.tolist(), *pca.tolist()]
-                 for n, (svd, pca) in enumerate(zip(last_arrays["svd_rank"], last_arrays["pca_rank"]))]
+    per_image = [
+        [n, *svd.tolist(), *pca.tolist()]
+        for n, (svd, pca) in enumerate(zip(last_arrays["svd_rank"], last_arrays["pca_rank"]))
+    ]
     return [
         _write_csv(out / "ranks.csv", ["layer", "tokens", "channels", "basis", "threshold", *RANK_STATS], rank_rows),
-        _write_csv(out / "sep.csv", ["layer", "channels", "threshold", "d", "ratio", "perm_mean", "perm_ci_low",
-                                     "perm_ci_high", "image_ratio_mean", "image_ratio_std", "perm_statistic",
-                                     *(f"perm_{k}" for k in SEP_CSV_PERMUTATION)], sep_rows),
-        _write_csv(out / "rotation.csv", ["layer", "reference", "threshold", "overlap_mean", "overlap_median",
-                                          "angle_mean_deg"], rotation_rows),
+        _write_csv(
+            out / "sep.csv",
+            [
+                "layer",
+                "channels",
+                "threshold",
+                "d",
+                "ratio",
+                "perm_mean",
+                "perm_ci_low",
+                "perm_ci_high",
+                "image_ratio_mean",
+                "image_ratio_std",
+                "perm_statistic",
+                *(f"perm_{k}" for k in SEP_CSV_PERMUTATION),
+            ],
+            sep_rows,
+        ),
+        _write_csv(
+            out / "rotation.csv",
+            ["layer", "reference", "threshold", "overlap_mean", "overlap_median", "angle_mean_deg"],
+            rotation_rows,
+        ),
         _write_csv(out / "sep_curves.csv", ["layer", "j", "mean_percent", "std_percent"], sep_curve_rows),
-        _write_csv(out / "pca_curves.csv", ["layer", "d", "global_cumulative", "captured_median",
-                                            "captured_p10", "captured_p1"], pca_rows),
-        _write_csv(out / "last_layer_images.csv", ["image", *(f"svd_{k}" for k in keys), *(f"pca_{k}" for k in keys)],
-                   per_image),
+        _write_csv(
+            out / "pca_curves.csv",
+            ["layer", "d", "global_cumulative", "captured_median", "captured_p10", "captured_p1"],
+            pca_rows,
+        ),
+        _write_csv(
+            out / "last_layer_images.csv",
+            ["image", *(f"svd_{k}" for k in keys), *(f"pca_{k}" for k in keys)],
+            per_image,
+        ),
     ]
 
 
@@ -416,9 +491,11 @@ def layer_metrics(layer: dict) -> dict[str, float]:
 def format_summary(report: dict, out: Path, run_id: str) -> str:
     """Last layer: SVD p99 vs PCA p99 per threshold, SEP d/D at 90%."""
     last = report["layers"][-1]
-    lines = [f"{report['model']}, {report['num_images']} images, {len(report['layers'])} layers diagnosed; "
-             f"last layer {last['index']} ({last['tokens']} tokens x {last['channels']} channels):",
-             f"{'energy':>8}  {'SVD p99':>8}  {'PCA p99':>8}"]
+    lines = [
+        f"{report['model']}, {report['num_images']} images, {len(report['layers'])} layers diagnosed; "
+        f"last layer {last['index']} ({last['tokens']} tokens x {last['channels']} channels):",
+        f"{'energy':>8}  {'SVD p99':>8}  {'PCA p99':>8}",
+    ]
     for p in report["thresholds"]:
         key = threshold_key(p)
         lines.append(f"{key:>8}  {last['svd_rank'][key]['p99']:>8.1f}  {last['pca_rank'][key]['p99']:>8.1f}")
@@ -433,8 +510,9 @@ def _extract(plan: DiagnosePlan) -> list[torch.Tensor]:
     from tqdm import tqdm
 
     with tqdm(total=plan.num_images, desc="features", unit="img", file=sys.stderr) as bar:
-        return feats.collect_features(plan.model, plan.batches(), layers=plan.layer_indices, device=plan.device,
-                                      progress=bar.update)
+        return feats.collect_features(
+            plan.model, plan.batches(), layers=plan.layer_indices, device=plan.device, progress=bar.update
+        )
 
 
 def _gpu_share(plan: DiagnosePlan) -> float:
@@ -450,9 +528,9 @@ def run_diagnose(plan: DiagnosePlan, *, address: str | None = None) -> dict:
     (KILLED on Ctrl-C) with the error in the ``encmm.error`` tag if anything raises."""
     from tqdm import tqdm
 
-    from analysis import plots
-    from analysis.ray_tasks import diagnose_layers
-    from orchestrator.ray_cluster import init_ray
+    from encmm.analysis import plots
+    from encmm.analysis.ray_tasks import diagnose_layers
+    from encmm.orchestrator.ray_cluster import init_ray
 
     init_ray(address)
     run_name = f"diagnose-{tracking.safe_name(plan.label, 80, 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -465,10 +543,17 @@ def run_diagnose(plan: DiagnosePlan, *, address: str | None = None) -> dict:
         layers = plan.features if plan.features is not None else _extract(plan)
         o = plan.options
         with tqdm(total=len(layers), desc="layers", unit="layer", file=sys.stderr) as bar:
-            outcome = diagnose_layers(layers, thresholds=plan.thresholds, center=o.center,
-                                      permutations=o.permutations, num_pairs=o.pairs, seed=o.seed,
-                                      arrays_for=[len(layers) - 1], num_gpus=_gpu_share(plan),
-                                      on_done=lambda _: bar.update(1))
+            outcome = diagnose_layers(
+                layers,
+                thresholds=plan.thresholds,
+                center=o.center,
+                permutations=o.permutations,
+                num_pairs=o.pairs,
+                seed=o.seed,
+                arrays_for=[len(layers) - 1],
+                num_gpus=_gpu_share(plan),
+                on_done=lambda _: bar.update(1),
+            )
         results = [select_sep_statistic(result, o.sep_statistic) for result, _ in outcome]
         last_arrays = outcome[-1][1]
         report = build_report(plan, results)
@@ -490,4 +575,3 @@ def run_diagnose(plan: DiagnosePlan, *, address: str | None = None) -> dict:
         tracking.end_run(plan.uri, run_id, status, error="".join(traceback.format_exception_only(type(exc), exc)))
         raise
     return {"run_id": run_id, "out": plan.out, "report": report, "summary": format_summary(report, plan.out, run_id)}
-

@@ -9,13 +9,15 @@
 - ``claim_verdict``: supported / contradicted / inconclusive for a directional claim at a p threshold.
 - ``spearman``: Spearman's rank correlation and its p (``scipy.stats.spearmanr``) over paired values.
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 from scipy import stats
 
@@ -74,7 +76,7 @@ def welch_difference(a: Iterable, b: Iterable, level: float = LEVEL) -> Differen
     if va + vb == 0:  # identical values within both arms: the t statistic is undefined, not infinite
         return Difference(na, nb, diff, None, None, None, None)
     se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
     half = float(stats.t.ppf(0.5 + level / 2, df)) * se
     p = float(stats.ttest_ind(xa, xb, equal_var=False).pvalue)
     return Difference(na, nb, diff, diff - half, diff + half, df, p)
@@ -103,8 +105,11 @@ class Correlation:
 
 def spearman(x: Iterable, y: Iterable) -> Correlation:
     """Spearman's rho and two-sided p over the pairs where both ``x`` and ``y`` are numbers."""
-    pairs = [(float(u), float(v)) for u, v in zip(x, y)
-             if u is not None and v is not None and not (math.isnan(float(u)) or math.isnan(float(v)))]
+    pairs = [
+        (float(u), float(v))
+        for u, v in zip(x, y)
+        if u is not None and v is not None and not (math.isnan(float(u)) or math.isnan(float(v)))
+    ]
     n = len(pairs)
     if n < 3 or len({u for u, _ in pairs}) < 2 or len({v for _, v in pairs}) < 2:
         return Correlation(n, None, None)

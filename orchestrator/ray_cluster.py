@@ -1,8 +1,10 @@
 """Connecting to Ray: a local cluster by default, or the one ``--address`` / ``RAY_ADDRESS`` names."""
+
 from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 
 
@@ -20,7 +22,14 @@ def init_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs = {"ignore_reinit_error": True, "log_to_driver": True}
+    # Ray's own console output (worker logs, Train's per-report lines, raylet dumps) only with --verbose:
+    # encmm's progress lines come from this process; the workers' logs stay in Ray's session folder.
+    verbose = os.environ.get("ENCMM_VERBOSE", "") not in ("", "0")
+    kwargs = {
+        "ignore_reinit_error": True,
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+    }
     if address:
         ray.init(address=address, **kwargs)
     elif _running_cluster() is not None:  # what ray.init() joins without an address: unchanged

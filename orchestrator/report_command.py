@@ -13,6 +13,7 @@
 Throughput is not measured here (it belongs to bench/). Trials that failed or still run are named and
 left out.
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,28 +28,49 @@ from types import SimpleNamespace
 import torch
 import yaml
 
-from orchestrator import evidence, tracking
-from orchestrator.diagnose_command import check_out_folder
-from orchestrator.sweep_command import summarize
-from trainables.config import ConfigError, DataConfig, TeacherConfig
+from encmm.orchestrator import evidence, tracking
+from encmm.orchestrator.outputs import check_out_folder
+from encmm.orchestrator.sweep_results import summarize
+from encmm.trainables.config import ConfigError, DataConfig, TeacherConfig
 
 GROUP_KEYS = ("student.remedy", "kd.alpha", "kd.beta", "student.width")
 LABEL_PREFIX = {"student.remedy": "", "kd.alpha": "α=", "kd.beta": "β=", "student.width": "width "}
 MISMATCH_KEYS = ("diag/svd_rank_p99/0.99", "diag/pca_rank_p99/0.99", "diag/sep_ratio_90", "diag/feat_mse")
-MISMATCH_TITLES = {"diag/svd_rank_p99/0.99": "per-image SVD rank p99 (99%)",
-                   "diag/pca_rank_p99/0.99": "shared PCA rank p99 (99%)",
-                   "diag/sep_ratio_90": "SEP d/D at 90%", "diag/feat_mse": "feature MSE to teacher"}
+MISMATCH_TITLES = {
+    "diag/svd_rank_p99/0.99": "per-image SVD rank p99 (99%)",
+    "diag/pca_rank_p99/0.99": "shared PCA rank p99 (99%)",
+    "diag/sep_ratio_90": "SEP d/D at 90%",
+    "diag/feat_mse": "feature MSE to teacher",
+}
 REMEDY_ORDER = ("none", "lift", "widelast", "uniformwide")
-ARM_ORDER = ("ce", "logit_kd", "feat_proj", "feat_pool", "lift", "widelast", "uniformwide", "feat_equal",
-             "logit_equal")
+ARM_ORDER = ("ce", "logit_kd", "feat_proj", "feat_pool", "lift", "widelast", "uniformwide", "feat_equal", "logit_equal")
 DEFAULT_CLAIMS = (("lift", "none"), ("widelast", "none"), ("widelast", "uniformwide"))  # a > b
-REMEDY_COLOURS = {"teacher": "black", "none": "tab:blue", "lift": "tab:orange", "widelast": "tab:green",
-                  "uniformwide": "tab:red"}  # every figure; anything else is OTHER_COLOUR
+REMEDY_COLOURS = {
+    "teacher": "black",
+    "none": "tab:blue",
+    "lift": "tab:orange",
+    "widelast": "tab:green",
+    "uniformwide": "tab:red",
+}  # every figure; anything else is OTHER_COLOUR
 OTHER_COLOUR = "tab:gray"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 LINESTYLES = ("-", "--", ":", "-.")
-CLAIM_COLUMNS = ("claim", "a", "b", "expect", "n_a", "n_b", "mean_a", "mean_b", "diff", "diff_ci_low", "diff_ci_high",
-                 "welch_df", "p", "verdict")  # claims.csv
+CLAIM_COLUMNS = (
+    "claim",
+    "a",
+    "b",
+    "expect",
+    "n_a",
+    "n_b",
+    "mean_a",
+    "mean_b",
+    "diff",
+    "diff_ci_low",
+    "diff_ci_high",
+    "welch_df",
+    "p",
+    "verdict",
+)  # claims.csv
 SEP_IMAGES = 64  # the fixed val subset (first images) the SEP curves are recomputed on
 
 
@@ -58,7 +80,7 @@ class SweepRecord:
     name: str
     parent: object  # mlflow Run
     children: list
-    rows: list[dict]  # one per child run (sweep_command.summarize)
+    rows: list[dict]  # one per child run (sweep_results.summarize)
     checkpoints: dict = field(default_factory=dict)  # run id -> local best.pt
 
 
@@ -118,14 +140,23 @@ def load_sweep(uri: str, name_or_id: str) -> SweepRecord:
     tracking.check_tracking(uri)
     parent = tracking.find_sweep_run(uri, name_or_id)
     children = tracking.list_child_runs(uri, parent.info.run_id)
-    plan = {"uri": uri, "experiment": tracking.experiment_name(uri, parent.info.experiment_id),
-            "parent_run_id": parent.info.run_id, "search": {"grid": {}}}
+    plan = {
+        "uri": uri,
+        "experiment": tracking.experiment_name(uri, parent.info.experiment_id),
+        "parent_run_id": parent.info.run_id,
+        "search": {"grid": {}},
+    }
     rows = summarize(plan)[0]
     by_id = {r["run_id"]: r for r in rows}
     for child in children:  # children found by mlflow.parentRunId only: summarise them too
         if child.info.run_id not in by_id:
-            rows.append({"trial": child.data.tags.get("encmm.trial_id", child.info.run_name),
-                         "status": child.info.status, "run_id": child.info.run_id})
+            rows.append(
+                {
+                    "trial": child.data.tags.get("encmm.trial_id", child.info.run_name),
+                    "status": child.info.status,
+                    "run_id": child.info.run_id,
+                }
+            )
     params = {c.info.run_id: c.data.params for c in children}
     for row in rows:
         row["seed"] = row.get("seed") or params.get(row["run_id"], {}).get("seed")
@@ -144,8 +175,9 @@ def read_claims(tags: dict, sweep: str) -> list[Claim] | None:
             if claim.expect not in ("greater", "less"):
                 raise ValueError(f"claim {claim.name!r}: expect {claim.expect!r}")
     except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"sweep {sweep}: tag encmm.claims is not a JSON list of "
-                          f"{{name, a, b, expect: greater|less}}: {exc}") from None
+        raise ConfigError(
+            f"sweep {sweep}: tag encmm.claims is not a JSON list of {{name, a, b, expect: greater|less}}: {exc}"
+        ) from None
     return claims
 
 
@@ -173,14 +205,15 @@ def section_from_params(params: dict, section: str) -> dict:
 
 def checkpoint_of(record: SweepRecord, run_id: str, folder: Path) -> Path:
     if run_id not in record.checkpoints:
-        record.checkpoints[run_id] = tracking.fetch_best_checkpoint(record.uri, run_id, folder / run_id,
-                                                                    f"run {run_id}")
+        record.checkpoints[run_id] = tracking.fetch_best_checkpoint(
+            record.uri, run_id, folder / run_id, f"run {run_id}"
+        )
     return record.checkpoints[run_id]
 
 
 # ------------------------------------------------------------------------------------------- measuring
 def load_student(path: Path) -> torch.nn.Module:
-    from trainables.teacher import load_checkpoint_file, model_from_checkpoint
+    from encmm.trainables.teacher import load_checkpoint_file, model_from_checkpoint
 
     return model_from_checkpoint(load_checkpoint_file(path))[0].eval()
 
@@ -215,7 +248,7 @@ def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> float:
 
 def val_images(record: SweepRecord, params: dict) -> tuple[torch.Tensor, object]:
     """The first ``SEP_IMAGES`` val images of the trials' data config (from the child's flat params)."""
-    from orchestrator.mismatch import val_subset
+    from encmm.trainables.mismatch import val_subset
 
     try:
         data = DataConfig.model_validate(section_from_params(params, "data"))
@@ -225,20 +258,25 @@ def val_images(record: SweepRecord, params: dict) -> tuple[torch.Tensor, object]
 
 
 def teacher_model(record: SweepRecord, params: dict, data, folder: Path):
-    from trainables.teacher import build_teacher
+    from encmm.trainables.teacher import build_teacher
 
     cfg = TeacherConfig.model_validate(section_from_params(params, "teacher"))
     if cfg.source == "none":
         return None
     path = checkpoint_of(record, cfg.run_id, folder) if cfg.source == "run" else None
-    return build_teacher(cfg, student_mean=data.mean, student_std=data.std, checkpoint_path=path,
-                         img_size=parse_param(params.get("data.img_size", "None")))
+    return build_teacher(
+        cfg,
+        student_mean=data.mean,
+        student_std=data.std,
+        checkpoint_path=path,
+        img_size=parse_param(params.get("data.img_size", "None")),
+    )
 
 
 def mean_sep_curve(model: torch.nn.Module, images: torch.Tensor) -> list[float]:
     """Mean SEP curve ``[D]`` of the distilled (last-layer) map over every token of ``images``."""
-    from analysis.spectra import sep_curves
-    from orchestrator.mismatch import distilled_features
+    from encmm.analysis.spectra import sep_curves
+    from encmm.trainables.mismatch import distilled_features
 
     feats = distilled_features(model, images)
     return sep_curves(feats.reshape(-1, feats.shape[-1]))[0].tolist()
@@ -314,12 +352,24 @@ def evaluate_claims(claims: list[Claim], groups: list[Group]) -> list[dict]:
             top1 = [[t.get("best/val/acc1") for t in g.trials] if g else [] for g in (ga, gb)]
             d = evidence.welch_difference(*top1)
             where = " ".join(f"{LABEL_PREFIX[k]}{v}" for k, v in context if k != "student.remedy")
-            rows.append({"claim": f"{claim.name} ({where})" if where else claim.name,
-                         "a": ga.label if ga else claim.a, "b": gb.label if gb else claim.b,
-                         "expect": claim.expect, "n_a": d.n_a, "n_b": d.n_b,
-                         "mean_a": evidence.estimate(top1[0]).mean, "mean_b": evidence.estimate(top1[1]).mean,
-                         "diff": d.diff, "diff_ci_low": d.ci_low, "diff_ci_high": d.ci_high, "welch_df": d.df,
-                         "p": d.p, "verdict": evidence.claim_verdict(d, claim.expect)})
+            rows.append(
+                {
+                    "claim": f"{claim.name} ({where})" if where else claim.name,
+                    "a": ga.label if ga else claim.a,
+                    "b": gb.label if gb else claim.b,
+                    "expect": claim.expect,
+                    "n_a": d.n_a,
+                    "n_b": d.n_b,
+                    "mean_a": evidence.estimate(top1[0]).mean,
+                    "mean_b": evidence.estimate(top1[1]).mean,
+                    "diff": d.diff,
+                    "diff_ci_low": d.ci_low,
+                    "diff_ci_high": d.ci_high,
+                    "welch_df": d.df,
+                    "p": d.p,
+                    "verdict": evidence.claim_verdict(d, claim.expect),
+                }
+            )
     return rows
 
 
@@ -335,12 +385,19 @@ def mismatch_correlations(done: list[dict]) -> list[dict]:
 def table_row(group: Group, gflops: float | None) -> dict:
     trials = group.trials
     first = trials[0]
-    row = {"arm": group.label, "remedy": group.remedy, "kd.alpha": first.get("kd.alpha"),
-           "kd.beta": first.get("kd.beta"), "width": first.get("student.width"), "n": len(trials)}
+    row = {
+        "arm": group.label,
+        "remedy": group.remedy,
+        "kd.alpha": first.get("kd.alpha"),
+        "kd.beta": first.get("kd.beta"),
+        "width": first.get("student.width"),
+        "n": len(trials),
+    }
     for name, key in (("top1_best", "best/val/acc1"), ("top1_last", "val/acc1")):
         e = evidence.estimate(t.get(key) for t in trials)
-        row.update({f"{name}_mean": e.mean, f"{name}_sd": e.sd, f"{name}_ci_low": e.ci_low,
-                    f"{name}_ci_high": e.ci_high})
+        row.update(
+            {f"{name}_mean": e.mean, f"{name}_sd": e.sd, f"{name}_ci_low": e.ci_low, f"{name}_ci_high": e.ci_high}
+        )
     row.update({"params_inference": first.get("params_inference"), "gflops": gflops})
     for metric in MISMATCH_KEYS:
         row[metric.removeprefix("diag/")] = evidence.estimate(t.get(metric) for t in trials).mean
@@ -379,21 +436,61 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def format_markdown(rows: list[dict], title: str) -> str:
-    head = ["arm", "remedy", "kd.alpha", "kd.beta", "width", "n", "top-1 best (95% CI)", "top-1 last (95% CI)",
-            "params (inf.)", "GFLOPs/img", "SVD rank p99", "PCA rank p99", "SEP d/D 90%", "feat MSE"]
-    cells = [[r["arm"], r["remedy"], str(r["kd.alpha"]), str(r["kd.beta"]), str(r["width"]), str(r["n"]),
-              fmt_estimate(r, "top1_best"), fmt_estimate(r, "top1_last"), fmt(r["params_inference"]),
-              fmt_gflops(r["gflops"]), fmt(r["svd_rank_p99/0.99"], 1), fmt(r["pca_rank_p99/0.99"], 1),
-              fmt(r["sep_ratio_90"], 3), fmt(r["feat_mse"], 4)] for r in rows]
+    head = [
+        "arm",
+        "remedy",
+        "kd.alpha",
+        "kd.beta",
+        "width",
+        "n",
+        "top-1 best (95% CI)",
+        "top-1 last (95% CI)",
+        "params (inf.)",
+        "GFLOPs/img",
+        "SVD rank p99",
+        "PCA rank p99",
+        "SEP d/D 90%",
+        "feat MSE",
+    ]
+    cells = [
+        [
+            r["arm"],
+            r["remedy"],
+            str(r["kd.alpha"]),
+            str(r["kd.beta"]),
+            str(r["width"]),
+            str(r["n"]),
+            fmt_estimate(r, "top1_best"),
+            fmt_estimate(r, "top1_last"),
+            fmt(r["params_inference"]),
+            fmt_gflops(r["gflops"]),
+            fmt(r["svd_rank_p99/0.99"], 1),
+            fmt(r["pca_rank_p99/0.99"], 1),
+            fmt(r["sep_ratio_90"], 3),
+            fmt(r["feat_mse"], 4),
+        ]
+        for r in rows
+    ]
     return "\n".join([f"## {title}", "", *markdown_table(head, cells)]) + "\n"
 
 
 def format_claims(claims: list[dict], source: str) -> str:
-    cells = [[c["claim"], c["a"], c["b"],
-              _text(c["diff"], sign=True) + ("" if c["diff_ci_low"] is None else
-                                             f" [{_text(c['diff_ci_low'], sign=True)}, "
-                                             f"{_text(c['diff_ci_high'], sign=True)}]"),
-              fmt_p(c["p"]), c["verdict"]] for c in claims]
+    cells = [
+        [
+            c["claim"],
+            c["a"],
+            c["b"],
+            _text(c["diff"], sign=True)
+            + (
+                ""
+                if c["diff_ci_low"] is None
+                else f" [{_text(c['diff_ci_low'], sign=True)}, {_text(c['diff_ci_high'], sign=True)}]"
+            ),
+            fmt_p(c["p"]),
+            c["verdict"],
+        ]
+        for c in claims
+    ]
     lines = [f"### Claims ({source}): best top-1 difference a - b, Welch 95% CI and two-sided p", ""]
     head = ["claim", "a", "b", "diff [95% CI]", "p", "verdict"]
     lines += markdown_table(head, cells) if cells else ["no claim to check"]
@@ -402,8 +499,16 @@ def format_claims(claims: list[dict], source: str) -> str:
 
 def format_correlations(correlations: list[dict]) -> str:
     cells = [[c["metric"], str(c["n"]), _text(c["spearman_rho"]), fmt_p(c["p"])] for c in correlations]
-    return "\n".join(["### Mismatch metric vs best top-1 across finished trials (Spearman)", "",
-                      *markdown_table(["metric", "n", "Spearman ρ", "p"], cells)]) + "\n"
+    return (
+        "\n".join(
+            [
+                "### Mismatch metric vs best top-1 across finished trials (Spearman)",
+                "",
+                *markdown_table(["metric", "n", "Spearman ρ", "p"], cells),
+            ]
+        )
+        + "\n"
+    )
 
 
 def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...]) -> Path:
@@ -438,8 +543,11 @@ def group_styles(groups: list[Group]) -> dict[str, dict]:
     styles = {}
     for g in groups:
         k = seen[g.remedy] = seen.get(g.remedy, -1) + 1
-        styles[g.label] = {"color": REMEDY_COLOURS.get(g.remedy, OTHER_COLOUR),
-                           "marker": MARKERS[k % len(MARKERS)], "linestyle": LINESTYLES[k % len(LINESTYLES)]}
+        styles[g.label] = {
+            "color": REMEDY_COLOURS.get(g.remedy, OTHER_COLOUR),
+            "marker": MARKERS[k % len(MARKERS)],
+            "linestyle": LINESTYLES[k % len(LINESTYLES)],
+        }
     return styles
 
 
@@ -449,8 +557,7 @@ def _ci_error(row: dict) -> tuple[float, float]:
     return row["top1_best_mean"] - row["top1_best_ci_low"], row["top1_best_ci_high"] - row["top1_best_mean"]
 
 
-def plot_top1(groups: list[Group], table: list[dict], x_key: str, xlabel: str, path: Path,
-              log_x: bool = False) -> Path:
+def plot_top1(groups: list[Group], table: list[dict], x_key: str, xlabel: str, path: Path, log_x: bool = False) -> Path:
     """Best val top-1 (mean, 95% CI bars) against ``x_key``; one line per arm across widths."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -460,8 +567,11 @@ def plot_top1(groups: list[Group], table: list[dict], x_key: str, xlabel: str, p
         rest = tuple(kv for kv in g.context if kv[0] != "student.width")
         series.setdefault((g.base, rest), []).append((g, row))
     for members in series.values():
-        points = sorted((_number(r[x_key]), r["top1_best_mean"], *_ci_error(r)) for _, r in members
-                        if r["top1_best_mean"] is not None and r[x_key] is not None)
+        points = sorted(
+            (_number(r[x_key]), r["top1_best_mean"], *_ci_error(r))
+            for _, r in members
+            if r["top1_best_mean"] is not None and r[x_key] is not None
+        )
         if not points:
             continue
         g = members[0][0]
@@ -475,27 +585,40 @@ def plot_top1(groups: list[Group], table: list[dict], x_key: str, xlabel: str, p
     return _save(fig, path)
 
 
-def plot_mismatch(curves: dict[str, list[float]], ranks: dict[str, tuple], styles: dict[str, dict],
-                  path: Path) -> Path:
+def plot_mismatch(curves: dict[str, list[float]], ranks: dict[str, tuple], styles: dict[str, dict], path: Path) -> Path:
     """Left: last-layer SEP mean curves against j/D; right: SVD (solid) vs PCA (hatched) rank p99 bars."""
     plt = _figure()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, curve in curves.items():
         d = len(curve)
         style = styles.get(label, {"color": REMEDY_COLOURS["teacher"], "marker": "", "linestyle": "-"})
-        left.plot([(j + 1) / d for j in range(d)], curve, label=f"{label} (D={d})", markevery=max(1, d // 8),
-                  **style)
+        left.plot([(j + 1) / d for j in range(d)], curve, label=f"{label} (D={d})", markevery=max(1, d // 8), **style)
     left.axhline(90, color="grey", lw=0.8, ls="--")
-    left.set(xlabel="channel frequency j / D", ylabel="cumulative spectral energy (%)",
-             title="last-layer SEP (mean over tokens)")
+    left.set(
+        xlabel="channel frequency j / D",
+        ylabel="cumulative spectral energy (%)",
+        title="last-layer SEP (mean over tokens)",
+    )
     left.legend(fontsize=7)
     labels = list(ranks)
     colours = [styles.get(k, {}).get("color", REMEDY_COLOURS["teacher"]) for k in labels]
     xs = range(len(labels))
-    right.bar([x - 0.2 for x in xs], [ranks[k][0] or 0 for k in labels], 0.4, color=colours,
-              label="per-image SVD rank p99 (solid)")
-    right.bar([x + 0.2 for x in xs], [ranks[k][1] or 0 for k in labels], 0.4, color=colours, alpha=0.45,
-              hatch="//", label="shared PCA rank p99 (hatched)")
+    right.bar(
+        [x - 0.2 for x in xs],
+        [ranks[k][0] or 0 for k in labels],
+        0.4,
+        color=colours,
+        label="per-image SVD rank p99 (solid)",
+    )
+    right.bar(
+        [x + 0.2 for x in xs],
+        [ranks[k][1] or 0 for k in labels],
+        0.4,
+        color=colours,
+        alpha=0.45,
+        hatch="//",
+        label="shared PCA rank p99 (hatched)",
+    )
     right.set_xticks(list(xs), labels, rotation=25, ha="right", fontsize=7)
     right.set(ylabel="rank at 99% energy", title="SVD vs PCA rank (mismatch = PCA >> SVD)")
     right.legend(fontsize=8)
@@ -526,10 +649,14 @@ def plot_mismatch_vs_top1(groups: list[Group], correlations: list[dict], path: P
             points = [(t[metric], t["best/val/acc1"]) for t in g.trials if t.get(metric) is not None]
             if points:
                 xs, ys = zip(*points)
-                ax.scatter(xs, ys, color=styles[g.label]["color"], marker=styles[g.label]["marker"],
-                           label=g.legend, alpha=0.8)
-        stat = (f"Spearman ρ = {corr['spearman_rho']:.2f}, p {p_phrase(corr['p'])}" if corr["spearman_rho"]
-                is not None else "Spearman ρ: too few or constant points")
+                ax.scatter(
+                    xs, ys, color=styles[g.label]["color"], marker=styles[g.label]["marker"], label=g.legend, alpha=0.8
+                )
+        stat = (
+            f"Spearman ρ = {corr['spearman_rho']:.2f}, p {p_phrase(corr['p'])}"
+            if corr["spearman_rho"] is not None
+            else "Spearman ρ: too few or constant points"
+        )
         ax.set(xlabel=metric, ylabel="best val top-1 (%)", title=f"{MISMATCH_TITLES[metric]}\n{stat} (n={corr['n']})")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
@@ -551,7 +678,8 @@ def describe_unreported(rows: list[dict]) -> tuple[list[dict], list[str]]:
     lines = []
     for r in left_out:
         state = {"RUNNING": "still running", "FINISHED": "finished but logged no final metrics"}.get(
-            r["status"], r["status"].lower())
+            r["status"], r["status"].lower()
+        )
         lines.append(f"trial {r['trial']} ({r['run_id'][:8]}) is {state}: not in the table")
     return left_out, lines
 
@@ -560,8 +688,16 @@ def best_trial(group: Group) -> dict:
     return max(group.trials, key=lambda t: t["best/val/acc1"])
 
 
-def write_plots(record: SweepRecord, groups: list[Group], table: list[dict], correlations: list[dict],
-                images: torch.Tensor, teacher, out: Path, work: Path) -> list[Path]:
+def write_plots(
+    record: SweepRecord,
+    groups: list[Group],
+    table: list[dict],
+    correlations: list[dict],
+    images: torch.Tensor,
+    teacher,
+    out: Path,
+    work: Path,
+) -> list[Path]:
     """The figures; SEP curves recomputed for the teacher and each arm's best trial."""
     styles = group_styles(groups)
     curves, ranks = {}, {}
@@ -575,31 +711,47 @@ def write_plots(record: SweepRecord, groups: list[Group], table: list[dict], cor
         curves[g.legend] = mean_sep_curve(load_student(checkpoint_of(record, row["run_id"], work)), images)
         ranks[g.legend] = (row.get("diag/svd_rank_p99/0.99"), row.get("diag/pca_rank_p99/0.99"))
         legend_styles[g.legend] = styles[g.label]
-    histories = {f"{g.legend} ({best_trial(g)['trial']})":
-                 (tracking.metric_history(record.uri, best_trial(g)["run_id"], "val/acc1"), styles[g.label])
-                 for g in groups}
+    histories = {
+        f"{g.legend} ({best_trial(g)['trial']})": (
+            tracking.metric_history(record.uri, best_trial(g)["run_id"], "val/acc1"),
+            styles[g.label],
+        )
+        for g in groups
+    }
     (out / "sep_curves.json").write_text(json.dumps(curves))
-    plots = [plot_top1(groups, table, "params_inference", "parameters at inference", out / "top1_vs_params.png",
-                       True)]
+    plots = [plot_top1(groups, table, "params_inference", "parameters at inference", out / "top1_vs_params.png", True)]
     if len({str(r["width"]) for r in table}) > 1:
         plots.append(plot_top1(groups, table, "width", "student width", out / "top1_vs_width.png"))
-    return plots + [plot_mismatch(curves, ranks, legend_styles, out / "mismatch_sep_rank.png"),
-                    plot_curves(histories, out / "training_curves.png"),
-                    plot_mismatch_vs_top1(groups, correlations, out / "mismatch_vs_top1.png"),
-                    out / "sep_curves.json"]
+    return plots + [
+        plot_mismatch(curves, ranks, legend_styles, out / "mismatch_sep_rank.png"),
+        plot_curves(histories, out / "training_curves.png"),
+        plot_mismatch_vs_top1(groups, correlations, out / "mismatch_vs_top1.png"),
+        out / "sep_curves.json",
+    ]
 
 
-def format_report(record: SweepRecord, table: list[dict], claims: list[dict], claim_source: str,
-                  correlations: list[dict], notes: list[str], any_done: bool) -> str:
+def format_report(
+    record: SweepRecord,
+    table: list[dict],
+    claims: list[dict],
+    claim_source: str,
+    correlations: list[dict],
+    notes: list[str],
+    any_done: bool,
+) -> str:
     counts = {s: sum(r["status"] == s for r in record.rows) for s in ("FINISHED", "RUNNING", "FAILED", "KILLED")}
-    title = (f"sweep {record.name} (parent run {record.parent.info.run_id}, {record.parent.info.status}): "
-             f"{len(record.rows)} trials, " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n))
+    title = (
+        f"sweep {record.name} (parent run {record.parent.info.run_id}, {record.parent.info.status}): "
+        f"{len(record.rows)} trials, " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+    )
     text = format_markdown(table, title)
     pm = record.parent.data.metrics
     if pm.get("teacher/svd_rank_p99/0.99") is not None:
-        text += (f"\nteacher: SVD rank p99 {fmt(pm.get('teacher/svd_rank_p99/0.99'), 1)}, PCA rank p99 "
-                 f"{fmt(pm.get('teacher/pca_rank_p99/0.99'), 1)}, "
-                 f"SEP d/D 90% {fmt(pm.get('teacher/sep_ratio_90'), 3)}\n")
+        text += (
+            f"\nteacher: SVD rank p99 {fmt(pm.get('teacher/svd_rank_p99/0.99'), 1)}, PCA rank p99 "
+            f"{fmt(pm.get('teacher/pca_rank_p99/0.99'), 1)}, "
+            f"SEP d/D 90% {fmt(pm.get('teacher/sep_ratio_90'), 3)}\n"
+        )
     text += "\n" + format_claims(claims, claim_source) + "\n" + format_correlations(correlations)
     text += "".join(f"\n- {line}" for line in notes) + ("\n" if notes else "")
     return text if any_done else text + "\nno finished trial to report yet\n"
@@ -626,10 +778,13 @@ def build_report(record: SweepRecord, out: Path, work: Path) -> ReportResult:
     source = "default: lift / widelast > none, widelast > uniformwide" if tagged is None else "tag encmm.claims"
     text = format_report(record, table, claims, source, correlations, notes, bool(done))
     (out / "report.md").write_text(text)
-    files = [write_csv(table, out / "report.csv", ("arm", *GROUP_KEYS)),
-             write_csv(claims, out / "claims.csv", CLAIM_COLUMNS),
-             write_csv(correlations, out / "mismatch_vs_top1.csv", ("metric", "n", "spearman_rho", "p")),
-             out / "report.md", *plots]
+    files = [
+        write_csv(table, out / "report.csv", ("arm", *GROUP_KEYS)),
+        write_csv(claims, out / "claims.csv", CLAIM_COLUMNS),
+        write_csv(correlations, out / "mismatch_vs_top1.csv", ("metric", "n", "spearman_rho", "p")),
+        out / "report.md",
+        *plots,
+    ]
     return ReportResult(text, table, out, files, left_out, claims, correlations)
 
 

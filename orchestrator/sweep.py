@@ -7,10 +7,15 @@ Tune's search-space types appear in this module only. Each trial:
    a shared storage path (a retried trial resumes from its Train checkpoint), reporting per-epoch
    metrics to Tune through ``TuneReportCallback`` so ASHA sees them;
 3. logs final metrics, the mismatch metrics of its student and the best checkpoint; FINISHED or FAILED.
+   The Train loop's rank 0 (this process in local mode) adds the MLflow conventions of every training
+   run: the datasets as inputs, ``system/*`` metrics and the best student as an MLflow model
+   (``trainables.ray_worker``, ``tracking.RunLogger``).
 """
+
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import traceback
@@ -19,9 +24,11 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator import tracking
-from orchestrator.sweep_config import SearchSpace, grid_axes, trial_config_dict
-from trainables.config import TrainConfig, flatten
+from encmm.orchestrator import tracking
+from encmm.orchestrator.sweep_config import SearchSpace, grid_axes, trial_config_dict
+from encmm.trainables.config import TrainConfig, flatten
+
+log = logging.getLogger(__name__)
 
 METRIC = "val/acc1"
 # Set in the sweep's driver once Tune has started a trial's process (and when Tune is done): the driver's
@@ -31,8 +38,9 @@ TRIAL_STARTED = threading.Event()
 
 def param_space(search: dict) -> dict[str, Any]:
     """Grid axes -> ``tune.grid_search``; sampled axes -> Tune's distributions."""
-    space: dict[str, Any] = {key: tune.grid_search(values) for key, values in grid_axes(
-        SearchSpace.model_validate(search)).items()}
+    space: dict[str, Any] = {
+        key: tune.grid_search(values) for key, values in grid_axes(SearchSpace.model_validate(search)).items()
+    }
     for key, axis in search.get("sample", {}).items():
         kind = axis["distribution"]
         if kind == "uniform":
@@ -56,9 +64,9 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
     """Tune function trainable: one trial = one Ray Train job + its MLflow child run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.mismatch import measure_mismatch
-    from trainables.engine import NonFiniteLossError
-    from trainables.ray_worker import BEST_FILE, build_trainer, final_metrics
+    from encmm.trainables.engine import NonFiniteLossError
+    from encmm.trainables.mismatch import measure_mismatch
+    from encmm.trainables.ray_worker import BEST_FILE, build_trainer, final_metrics
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_train_config(plan, config, trial_id)
@@ -70,23 +78,35 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
         tune.report(final)
         return
     run_id = tracking.attach_run(
-        uri, plan["experiment"], f"{plan['name']}/{trial_id}", key_tags=key_tags,
+        uri,
+        plan["experiment"],
+        f"{plan['name']}/{trial_id}",
+        key_tags=key_tags,
         params=flatten(cfg.model_dump(mode="json")),
-        tags={"encmm.kind": "trial", "encmm.sweep_name": plan["name"],
-              "encmm.assignment": json.dumps(config, sort_keys=True, default=str),
-              **({"encmm.arm": str(config["arm"])} if "arm" in config else {})},
-        parent_run_id=plan["parent_run_id"])
+        tags={
+            "encmm.kind": "trial",
+            "encmm.sweep_name": plan["name"],
+            "encmm.assignment": json.dumps(config, sort_keys=True, default=str),
+            **({"encmm.arm": str(config["arm"])} if "arm" in config else {}),
+        },
+        parent_run_id=plan["parent_run_id"],
+    )
     storage = Path(plan["sweep_dir"]) / "trials"
     logger = tracking.RunLogger(uri, run_id, spool=str(storage / trial_id / tracking.SPOOL_FILE))
     try:
         # Local mode runs the Train loop in this process: it reports to Tune itself (building a
         # TuneReportCallback would start a queue actor for nothing).
         local = cfg.resources.runs_local
-        trainer = build_trainer(cfg, run_name=trial_id, storage_path=str(storage), log=logger,
-                                teacher_checkpoint=plan.get("teacher_checkpoint"),
-                                callbacks=None if local else [TuneReportCallback()],
-                                report_fn=tune.report if local else None,
-                                inject_failure=plan.get("inject_failure", {}).get(trial_assignment_key(config)))
+        trainer = build_trainer(
+            cfg,
+            run_name=trial_id,
+            storage_path=str(storage),
+            log=logger,
+            teacher_checkpoint=plan.get("teacher_checkpoint"),
+            callbacks=None if local else [TuneReportCallback()],
+            report_fn=tune.report if local else None,
+            inject_failure=plan.get("inject_failure", {}).get(trial_assignment_key(config)),
+        )
         final = final_metrics(trainer.fit())
         logger.flush()
         epoch = int(final.get("epoch", 0))
@@ -94,11 +114,17 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
         summary = {f"final/{k}": v for k, v in final.items() if k.startswith(("val/", "train/", "best/"))}
         if best.is_file():
             logger.log_artifact(best, "checkpoints")
-            from trainables.teacher import load_checkpoint_file
+            from encmm.trainables.teacher import load_checkpoint_file
 
             summary["params_inference"] = load_checkpoint_file(best)["spec"]["params_inference"]
-            summary.update(measure_mismatch(cfg, str(best), teacher_checkpoint=plan.get("teacher_checkpoint"),
-                                            num_images=plan["mismatch_images"]))
+            summary.update(
+                measure_mismatch(
+                    cfg,
+                    str(best),
+                    teacher_checkpoint=plan.get("teacher_checkpoint"),
+                    num_images=plan["mismatch_images"],
+                )
+            )
         logger.log_metrics(summary, step=epoch)
         tracking.end_run(uri, run_id, "FINISHED")
     except NonFiniteLossError as exc:
@@ -130,8 +156,10 @@ class SweepProgress(tune.Callback):
         counts = {s: sum(1 for v in self.state.values() if v == s) for s in ("done", "running", "failed")}
         pending = max(0, self.total - len(self.state))
         best = f"{self.best[0]:.2f} ({self.best[1]})" if self.best else "-"
-        print(f"[sweep {self.plan['name']}] {counts['done']}/{self.total} done, {counts['running']} running, "
-              f"{pending} pending, {counts['failed']} failed | best {METRIC} {best}", flush=True)
+        log.info(
+            f"[sweep {self.plan['name']}] {counts['done']}/{self.total} done, {counts['running']} running, "
+            f"{pending} pending, {counts['failed']} failed | best {METRIC} {best}",
+        )
 
     def on_trial_start(self, iteration, trials, trial, **info):
         TRIAL_STARTED.set()
@@ -145,14 +173,21 @@ class SweepProgress(tune.Callback):
             self._print()
 
     def _close_child(self, trial_id: str, status: str) -> None:
-        runs = tracking.find_runs(self.plan["uri"], self.plan["experiment"],
-                                  {"encmm.parent_run_id": self.plan["parent_run_id"], "encmm.trial_id": trial_id},
-                                  statuses=("RUNNING",))
+        runs = tracking.find_runs(
+            self.plan["uri"],
+            self.plan["experiment"],
+            {"encmm.parent_run_id": self.plan["parent_run_id"], "encmm.trial_id": trial_id},
+            statuses=("RUNNING",),
+        )
         for run in runs:
             if status == "FINISHED":
                 tracking.set_tags(self.plan["uri"], run.info.run_id, {"encmm.stopped_early": "true"})
-            tracking.end_run(self.plan["uri"], run.info.run_id, status,
-                             error=None if status == "FINISHED" else "trial ended without closing its run")
+            tracking.end_run(
+                self.plan["uri"],
+                run.info.run_id,
+                status,
+                error=None if status == "FINISHED" else "trial ended without closing its run",
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.state[trial.trial_id] = "done"
@@ -181,24 +216,35 @@ def build_tuner(plan: dict, *, restore: bool = False) -> tune.Tuner:
     """The Tuner for ``plan`` (a fresh sweep, or ``Tuner.restore`` of an interrupted one)."""
     from ray.tune.schedulers import ASHAScheduler
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan),
-                                    lambda config: trial_driver_resources(plan, config))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, plan=plan), lambda config: trial_driver_resources(plan, config)
+    )
     if restore:
         return tune.Tuner.restore(plan["sweep_dir"], trainable=trainable, resume_errored=True)
     scheduler = None
     if plan.get("asha"):
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan["epochs"],
-                                  grace_period=plan["asha"]["grace_period"],
-                                  reduction_factor=plan["asha"]["reduction_factor"])
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=plan["epochs"],
+            grace_period=plan["asha"]["grace_period"],
+            reduction_factor=plan["asha"]["reduction_factor"],
+        )
     sweep_dir = Path(plan["sweep_dir"])
     return tune.Tuner(
         trainable,
         param_space=param_space(plan["search"]),
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
-                                    num_samples=plan["search"].get("num_samples", 1),
-                                    max_concurrent_trials=plan["max_concurrent_trials"]),
-        run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=plan["max_trial_failures"]),
-                                  callbacks=[SweepProgress(plan, plan["total_trials"])]),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            scheduler=scheduler,
+            num_samples=plan["search"].get("num_samples", 1),
+            max_concurrent_trials=plan["max_concurrent_trials"],
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_dir.name,
+            storage_path=str(sweep_dir.parent),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=plan["max_trial_failures"]),
+            callbacks=[SweepProgress(plan, plan["total_trials"])],
+        ),
     )
-

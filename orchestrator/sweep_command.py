@@ -3,29 +3,50 @@
 Everything that can fail on bad input (the sweep file, every trial's config, the teacher, the tracking
 store, the resource plan) is checked before the parent run or any folder is created.
 """
+
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
+from typing import Any
 
-from orchestrator import tracking
-from orchestrator.sweep_plan import load_plan, save_plan, timestamped
-from orchestrator.train_command import resolve_teacher_checkpoint
-from orchestrator.sweep_config import ARM, SearchSpace, SweepConfig, bound_points, grid_axes, grid_points, \
-    load_sweep_config, trial_config_dict, validate_trials
-from trainables.config import ConfigError, TrainConfig, absolutize_paths, flatten, load_train_config, \
-    with_absolute_paths
-from trainables.preflight import check_train_config
+from encmm.orchestrator import tracking
+from encmm.orchestrator.experiments import DEFAULT_SWEEP, resolve_experiment
+from encmm.orchestrator.sweep_config import (
+    SearchSpace,
+    SweepConfig,
+    bound_points,
+    grid_axes,
+    grid_points,
+    load_sweep_config,
+    sweep_source,
+    trial_config_dict,
+    validate_trials,
+)
+from encmm.orchestrator.sweep_plan import load_plan, save_plan, timestamped
+from encmm.orchestrator.sweep_results import summarize, write_summary
+from encmm.orchestrator.training import resolve_teacher_checkpoint
+from encmm.trainables.config import (
+    ConfigError,
+    TrainConfig,
+    absolutize_paths,
+    flatten,
+    load_train_config,
+    with_absolute_paths,
+)
+from encmm.trainables.preflight import check_train_config
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-DEFAULT_SWEEP = EXPERIMENTS_DIR / "digits.yaml"
+log = logging.getLogger(__name__)
+
 TEACHER_SUMMARY_WAIT_S = 60.0  # the longest the teacher's summary waits for Tune to start a trial
 
 
@@ -51,8 +72,12 @@ def trial_resources(trials: list[TrainConfig], driver_cpus: float) -> dict:
     cpus = max(t.resources.workers * t.resources.cpus_per_worker for t in trials) + driver_cpus
     gpus = max(t.resources.workers * t.resources.gpus_per_worker for t in trials)
     # In Train local mode the worker's share is held by the trial driver itself: the total is the same.
-    return {"CPU": cpus, "GPU": gpus, "workers": max(t.resources.workers for t in trials),
-            "local": all(t.resources.runs_local for t in trials)}
+    return {
+        "CPU": cpus,
+        "GPU": gpus,
+        "workers": max(t.resources.workers for t in trials),
+        "local": all(t.resources.runs_local for t in trials),
+    }
 
 
 def concurrent_trials(per_trial: dict, cluster: dict, setting: int | None) -> int:
@@ -66,9 +91,11 @@ def trials_at_once(setup: SweepSetup, cluster: dict) -> int:
     """How many trials ``cluster`` runs at once; a ConfigError when not even one fits."""
     at_once = concurrent_trials(setup.per_trial, cluster, setup.cfg.max_concurrent_trials)
     if at_once < 1:
-        raise ConfigError(f"{setup.source}: resources: one trial needs {setup.per_trial['CPU']:g} CPU / "
-                          f"{setup.per_trial['GPU']:g} GPU; the cluster has {cluster.get('CPU', 0):g} CPU / "
-                          f"{cluster.get('GPU', 0):g} GPU")
+        raise ConfigError(
+            f"{setup.source}: resources: one trial needs {setup.per_trial['CPU']:g} CPU / "
+            f"{setup.per_trial['GPU']:g} GPU; the cluster has {cluster.get('CPU', 0):g} CPU / "
+            f"{cluster.get('GPU', 0):g} GPU"
+        )
     return at_once
 
 
@@ -78,11 +105,15 @@ def local_resources() -> dict:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
-def prepare_sweep(path: str | None, overrides: list[str], tracking_uri: str | None) -> SweepSetup:
-    """Validate the sweep and every trial it will run; no side effects."""
-    file = Path(path) if path else DEFAULT_SWEEP
-    cfg, folder = load_sweep_config(file, overrides)
-    source = str(file)
+def prepare_sweep(
+    path: str | PathLike | Mapping[str, Any] | SweepConfig | None, overrides: list[str], tracking_uri: str | None
+) -> SweepSetup:
+    """Validate the sweep and every trial it will run; no side effects. ``path``: a sweep file, a shipped
+    sweep's name, ``None`` (the shipped default), or a dict / :class:`SweepConfig` (relative file
+    references resolve against the current folder)."""
+    given = path if isinstance(path, (Mapping, SweepConfig)) else resolve_experiment(path, DEFAULT_SWEEP)
+    cfg, folder = load_sweep_config(given, overrides)
+    source = sweep_source(given)
     cfg.base = absolutize_paths(cfg.base)
     teacher_cfg = None
     teacher_shape = None
@@ -107,8 +138,10 @@ def trial_count(cfg: SweepConfig) -> int:
 
 def format_plan(setup: SweepSetup, cluster: dict, where: str) -> str:
     cfg = setup.cfg
-    lines = [f"sweep {cfg.name}: {trial_count(cfg)} trials ({len(grid_points(cfg.search))} grid points x "
-             f"{cfg.search.num_samples} samples)"]
+    lines = [
+        f"sweep {cfg.name}: {trial_count(cfg)} trials ({len(grid_points(cfg.search))} grid points x "
+        f"{cfg.search.num_samples} samples)"
+    ]
     axes = grid_axes(cfg.search)
     keys = list(axes) + list(cfg.search.sample)
     if keys:
@@ -118,7 +151,8 @@ def format_plan(setup: SweepSetup, cluster: dict, where: str) -> str:
             for _ in range(cfg.search.num_samples):
                 cells = [str(point[k]) for k in axes] + [
                     f"{a.distribution}({a.low}, {a.high})" if a.distribution != "choice" else f"choice{a.values}"
-                    for a in cfg.search.sample.values()]
+                    for a in cfg.search.sample.values()
+                ]
                 lines.append(f"  {index:<3d}" + " | ".join(cells))
                 index += 1
     for name, overrides in cfg.search.arms.items():
@@ -128,17 +162,28 @@ def format_plan(setup: SweepSetup, cluster: dict, where: str) -> str:
     per = setup.per_trial
     at_once = concurrent_trials(per, cluster, cfg.max_concurrent_trials)
     where_worker = ", Train local mode: the worker runs inside the driver" if per.get("local") else ""
-    lines.append(f"resources per trial: {per['workers']} Train worker(s), {per['CPU']:g} CPU, {per['GPU']:g} GPU "
-                 f"(trial driver {cfg.trial_driver_cpus:g} CPU{where_worker})")
-    lines.append(f"cluster ({where}): {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU -> "
-                 f"{at_once} trial(s) at once" + ("" if at_once else "  [does not fit: needs a bigger cluster]"))
+    lines.append(
+        f"resources per trial: {per['workers']} Train worker(s), {per['CPU']:g} CPU, {per['GPU']:g} GPU "
+        f"(trial driver {cfg.trial_driver_cpus:g} CPU{where_worker})"
+    )
+    lines.append(
+        f"cluster ({where}): {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU -> "
+        f"{at_once} trial(s) at once" + ("" if at_once else "  [does not fit: needs a bigger cluster]")
+    )
     epochs = max(t.schedule.epochs for t in setup.trials)
-    lines.append(f"epochs per trial: {epochs}; early stopping: "
-                 + (f"ASHA on val/acc1 (grace {cfg.asha.grace_period}, factor {cfg.asha.reduction_factor:g})"
-                    if cfg.asha else "off"))
+    lines.append(
+        f"epochs per trial: {epochs}; early stopping: "
+        + (
+            f"ASHA on val/acc1 (grace {cfg.asha.grace_period}, factor {cfg.asha.reduction_factor:g})"
+            if cfg.asha
+            else "off"
+        )
+    )
     if setup.teacher_cfg is not None:
-        lines.append(f"teacher: trained once from {cfg.teacher_training} (hash {teacher_hash(setup.teacher_cfg)}), "
-                     f"reused when a FINISHED run with that hash exists")
+        lines.append(
+            f"teacher: trained once from {cfg.teacher_training} (hash {teacher_hash(setup.teacher_cfg)}), "
+            f"reused when a FINISHED run with that hash exists"
+        )
     else:
         lines.append(f"teacher: {setup.trials[0].teacher.source} {setup.trials[0].teacher.model or ''}".rstrip())
     return "\n".join(lines)
@@ -148,64 +193,27 @@ def find_teacher(setup: SweepSetup) -> str | None:
     """Run id of a FINISHED teacher run trained from ``setup.teacher_cfg`` (by config hash), if any."""
     cfg = setup.teacher_cfg
     digest = teacher_hash(cfg)
-    found = tracking.find_runs(setup.uri, cfg.tracking.experiment, {"encmm.config_hash": digest},
-                               statuses=("FINISHED",))
+    found = tracking.find_runs(
+        setup.uri, cfg.tracking.experiment, {"encmm.config_hash": digest}, statuses=("FINISHED",)
+    )
     if not found:
         return None
-    print(f"[sweep] reusing teacher run {found[0].info.run_id} (hash {digest})", flush=True)
+    log.info(f"[sweep] reusing teacher run {found[0].info.run_id} (hash {digest})")
     return found[0].info.run_id
 
 
 def train_teacher(setup: SweepSetup, address: str | None) -> str:
     """Train ``setup.teacher_cfg`` now (tagged with its config hash); returns the FINISHED run's id."""
-    from orchestrator.train_command import run_train
+    from encmm.orchestrator.training import run_train
 
     digest = teacher_hash(setup.teacher_cfg)
-    print(f"[sweep] training the teacher (hash {digest}) before the students", flush=True)
+    log.info(f"[sweep] training the teacher (hash {digest}) before the students")
     return run_train(setup.teacher_cfg, setup.uri, address=address, tags={"encmm.config_hash": digest})["run_id"]
 
 
 def ensure_teacher(setup: SweepSetup, address: str | None) -> str:
     """Run id of a FINISHED teacher run for ``setup.teacher_cfg``: reused by hash, else trained now."""
     return find_teacher(setup) or train_teacher(setup, address)
-
-
-def summarize(plan: dict) -> tuple[list[dict], dict | None]:
-    """One row per child run (from MLflow, the source of truth); the best FINISHED row by best val/acc1."""
-    runs = tracking.find_runs(plan["uri"], plan["experiment"], {"encmm.parent_run_id": plan["parent_run_id"]})
-    rows = []
-    axes = list(plan["search"].get("grid", {})) + list(plan["search"].get("sample", {}))
-    assignment_of = lambda run: json.loads(run.data.tags.get("encmm.assignment", "{}"))  # noqa: E731
-    for run in sorted(runs, key=lambda r: r.data.tags.get("encmm.trial_id", "")):
-        m, p = run.data.metrics, run.data.params
-        row = {"trial": run.data.tags.get("encmm.trial_id"), "status": run.info.status, "run_id": run.info.run_id}
-        row["arm"] = assignment_of(run).get(ARM)
-        row.update({f"{k}": p.get(k, assignment_of(run).get(k)) for k in
-                    ["student.remedy", "student.width", "kd.alpha", "kd.beta", "seed", *axes] if k not in row})
-        for key in ("final/best/val/acc1", "final/val/acc1", "params_inference", "diag/svd_rank_p99/0.99",
-                    "diag/pca_rank_p99/0.99", "diag/sep_ratio_90", "diag/feat_mse"):
-            value = m.get(key)
-            if key == "params_inference" and value is not None:
-                value = int(value)
-            row[key.removeprefix("final/")] = round(value, 4) if isinstance(value, float) else value
-        rows.append(row)
-    finished = [r for r in rows if r["status"] == "FINISHED" and r.get("best/val/acc1") is not None]
-    best = max(finished, key=lambda r: r["best/val/acc1"]) if finished else None
-    return rows, best
-
-
-def write_summary(rows: list[dict], folder: Path) -> tuple[Path, Path]:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    csv_path, md_path = folder / "summary.csv", folder / "summary.md"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    shown = [c for c in columns if c != "run_id"]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in shown) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
 
 
 def finish_sweep(plan: dict, interrupted: bool) -> tuple[list[dict], dict | None]:
@@ -224,34 +232,57 @@ def finish_sweep(plan: dict, interrupted: bool) -> tuple[list[dict], dict | None
     for path in write_summary(rows, folder):
         tracking.log_artifact(plan["uri"], plan["parent_run_id"], path)
     if best:
-        tracking.set_tags(plan["uri"], plan["parent_run_id"], {"encmm.best_trial": best["trial"],
-                                                               "encmm.best_run_id": best["run_id"]})
+        tracking.set_tags(
+            plan["uri"], plan["parent_run_id"], {"encmm.best_trial": best["trial"], "encmm.best_run_id": best["run_id"]}
+        )
         tracking.log_metrics(plan["uri"], plan["parent_run_id"], {"best/val/acc1": best["best/val/acc1"]})
     finished = sum(1 for r in rows if r["status"] == "FINISHED")
-    tracking.log_metrics(plan["uri"], plan["parent_run_id"], {
-        "trials/finished": finished, "trials/failed": sum(1 for r in rows if r["status"] == "FAILED")})
+    tracking.log_metrics(
+        plan["uri"],
+        plan["parent_run_id"],
+        {"trials/finished": finished, "trials/failed": sum(1 for r in rows if r["status"] == "FAILED")},
+    )
     if interrupted:
-        tracking.end_run(plan["uri"], plan["parent_run_id"], "KILLED",
-                         error=f"interrupted; resume with: encmm sweep --resume {plan['name']}")
+        tracking.end_run(
+            plan["uri"],
+            plan["parent_run_id"],
+            "KILLED",
+            error=f"interrupted; resume with: encmm sweep --resume {plan['name']}",
+        )
     else:
         tracking.end_run(plan["uri"], plan["parent_run_id"], "FINISHED" if finished else "FAILED")
     return rows, best
 
 
-def build_plan(setup: SweepSetup, *, teacher_run_id: str | None, teacher_checkpoint: str | None,
-               parent_run_id: str, sweep_dir: Path, max_concurrent: int) -> dict:
+def build_plan(
+    setup: SweepSetup,
+    *,
+    teacher_run_id: str | None,
+    teacher_checkpoint: str | None,
+    parent_run_id: str,
+    sweep_dir: Path,
+    max_concurrent: int,
+) -> dict:
     cfg = setup.cfg
     base = dict(cfg.base)
     if teacher_run_id:
         base["teacher"] = {"source": "run", "run_id": teacher_run_id}
     return {
-        "name": sweep_dir.name, "sweep_dir": str(sweep_dir), "uri": setup.uri,
-        "experiment": setup.trials[0].tracking.experiment, "parent_run_id": parent_run_id, "base": base,
-        "teacher_checkpoint": teacher_checkpoint, "search": cfg.search.model_dump(mode="json"),
+        "name": sweep_dir.name,
+        "sweep_dir": str(sweep_dir),
+        "uri": setup.uri,
+        "experiment": setup.trials[0].tracking.experiment,
+        "parent_run_id": parent_run_id,
+        "base": base,
+        "teacher_checkpoint": teacher_checkpoint,
+        "search": cfg.search.model_dump(mode="json"),
         "asha": cfg.asha.model_dump(mode="json") if cfg.asha else None,
-        "epochs": max(t.schedule.epochs for t in setup.trials), "max_concurrent_trials": max_concurrent,
-        "trial_driver_cpus": cfg.trial_driver_cpus, "max_trial_failures": cfg.max_trial_failures,
-        "mismatch_images": cfg.mismatch_images, "total_trials": trial_count(cfg),
+        "epochs": max(t.schedule.epochs for t in setup.trials),
+        "max_concurrent_trials": max_concurrent,
+        "trial_driver_cpus": cfg.trial_driver_cpus,
+        "max_trial_failures": cfg.max_trial_failures,
+        "mismatch_images": cfg.mismatch_images,
+        "total_trials": trial_count(cfg),
     }
 
 
@@ -267,18 +298,31 @@ def open_sweep_run(setup: SweepSetup, teacher_run_id: str | None) -> SweepRun:
     """The parent run (params, tags); the teacher's own mismatch metrics follow in :func:`run_sweep`."""
     probe = next((trial for trial in setup.trials if trial.kd.uses_teacher), setup.trials[0])
     if teacher_run_id:
-        probe = TrainConfig.model_validate({**probe.model_dump(mode="json"),
-                                            "teacher": {"source": "run", "run_id": teacher_run_id}})
+        probe = TrainConfig.model_validate(
+            {**probe.model_dump(mode="json"), "teacher": {"source": "run", "run_id": teacher_run_id}}
+        )
     teacher_checkpoint = resolve_teacher_checkpoint(probe, setup.uri, setup.source)
     sweep_dir = Path(probe.tracking.output_dir) / "sweeps" / timestamped(setup.cfg.name)
     parent_run_id = tracking.start_run(
-        setup.uri, probe.tracking.experiment, sweep_dir.name,
-        params={**{f"sweep.{k}": v for k, v in flatten(setup.cfg.model_dump(
-                    mode="json", exclude={"base", "claims"})).items()}, **flatten(setup.cfg.base)},
-        tags={"encmm.kind": "sweep", "encmm.sweep_name": sweep_dir.name, "encmm.sweep_dir": str(sweep_dir),
-              "encmm.code_version": code_version(),
-              **({"encmm.arms": json.dumps(list(setup.cfg.search.arms))} if setup.cfg.search.arms else {}),
-              **({"encmm.claims": json.dumps([c.model_dump() for c in setup.cfg.claims])} if setup.cfg.claims else {})})
+        setup.uri,
+        probe.tracking.experiment,
+        sweep_dir.name,
+        params={
+            **{
+                f"sweep.{k}": v
+                for k, v in flatten(setup.cfg.model_dump(mode="json", exclude={"base", "claims"})).items()
+            },
+            **flatten(setup.cfg.base),
+        },
+        tags={
+            "encmm.kind": "sweep",
+            "encmm.sweep_name": sweep_dir.name,
+            "encmm.sweep_dir": str(sweep_dir),
+            "encmm.code_version": code_version(),
+            **({"encmm.arms": json.dumps(list(setup.cfg.search.arms))} if setup.cfg.search.arms else {}),
+            **({"encmm.claims": json.dumps([c.model_dump() for c in setup.cfg.claims])} if setup.cfg.claims else {}),
+        },
+    )
     tracking.close_runs_if_process_dies(setup.uri, [parent_run_id], children_of=[parent_run_id])
     return SweepRun(parent_run_id, sweep_dir, teacher_run_id, teacher_checkpoint)
 
@@ -292,7 +336,7 @@ def start_sweep(setup: SweepSetup, address: str | None) -> dict:
     """
     import ray
 
-    from orchestrator.ray_cluster import init_ray
+    from encmm.orchestrator.ray_cluster import init_ray
 
     teacher_run_id = find_teacher(setup) if setup.teacher_cfg is not None else None
     if setup.teacher_cfg is not None and teacher_run_id is None:
@@ -307,13 +351,20 @@ def start_sweep(setup: SweepSetup, address: str | None) -> dict:
             at_once = trials_at_once(setup, ray.cluster_resources())
         except BaseException as exc:
             if opening.exception() is None:
-                tracking.end_run(setup.uri, opening.result().parent_run_id, "FAILED",
-                                 error=f"{exc.__class__.__name__}: {exc}")
+                tracking.end_run(
+                    setup.uri, opening.result().parent_run_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}"
+                )
             raise
         opened = opening.result()
     try:
-        plan = build_plan(setup, teacher_run_id=opened.teacher_run_id, teacher_checkpoint=opened.teacher_checkpoint,
-                          parent_run_id=opened.parent_run_id, sweep_dir=opened.sweep_dir, max_concurrent=at_once)
+        plan = build_plan(
+            setup,
+            teacher_run_id=opened.teacher_run_id,
+            teacher_checkpoint=opened.teacher_checkpoint,
+            parent_run_id=opened.parent_run_id,
+            sweep_dir=opened.sweep_dir,
+            max_concurrent=at_once,
+        )
         tracking.log_artifact(setup.uri, opened.parent_run_id, save_plan(plan))
     except BaseException as exc:
         tracking.end_run(setup.uri, opened.parent_run_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}")
@@ -324,14 +375,16 @@ def start_sweep(setup: SweepSetup, address: str | None) -> dict:
 def import_tune_side() -> None:
     """Import Ray Tune (``orchestrator.sweep``, ~1.5 s of CPU) while ``ray.init`` waits on the processes it
     starts, instead of before validation ends; should this fail, ``run_sweep`` imports it again and says why."""
-    import orchestrator.sweep  # noqa: F401
+    import encmm.orchestrator.sweep  # noqa: F401
 
 
 def teacher_trial_config(plan: dict) -> TrainConfig:
     """The sweep's first trial config that uses the teacher (grid order, sampled axes at their first bound),
     or the first trial's when none does (a CE-only arm may come first), from the plan."""
-    configs = (TrainConfig.model_validate(trial_config_dict(plan["base"], point, plan["search"].get("arms")))
-               for point in bound_points(SearchSpace.model_validate(plan["search"])))
+    configs = (
+        TrainConfig.model_validate(trial_config_dict(plan["base"], point, plan["search"].get("arms")))
+        for point in bound_points(SearchSpace.model_validate(plan["search"]))
+    )
     first = next(configs)
     return first if first.kd.uses_teacher else next((c for c in configs if c.kd.uses_teacher), first)
 
@@ -344,19 +397,22 @@ def log_teacher_summary(plan: dict, resume: bool) -> None:
     sweep. A failure costs only these metrics: it is printed and tagged on the parent run
     (``encmm.teacher_summary_error``), and the sweep goes on.
     """
-    from orchestrator.mismatch import teacher_summary
-    from orchestrator.sweep import TRIAL_STARTED
+    from encmm.orchestrator.sweep import TRIAL_STARTED
+    from encmm.trainables.mismatch import teacher_summary
 
     TRIAL_STARTED.wait(timeout=TEACHER_SUMMARY_WAIT_S)
     try:
         probe = teacher_trial_config(plan)
         if not probe.kd.uses_teacher or (resume and has_teacher_summary(plan)):
             return
-        tracking.log_metrics(plan["uri"], plan["parent_run_id"],
-                             teacher_summary(probe, plan.get("teacher_checkpoint"), plan["mismatch_images"]))
+        tracking.log_metrics(
+            plan["uri"],
+            plan["parent_run_id"],
+            teacher_summary(probe, plan.get("teacher_checkpoint"), plan["mismatch_images"]),
+        )
     except Exception as exc:  # noqa: BLE001 - the trials do not depend on it: say why, keep the sweep going
         error = f"{exc.__class__.__name__}: {exc}"
-        print(f"encmm: warning: the teacher's mismatch metrics (teacher/*) were not logged: {error}", flush=True)
+        log.warning(f"encmm: warning: the teacher's mismatch metrics (teacher/*) were not logged: {error}")
         tracking.set_tags(plan["uri"], plan["parent_run_id"], {"encmm.teacher_summary_error": error[:5000]})
 
 
@@ -370,8 +426,13 @@ def code_version() -> str:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
@@ -384,8 +445,9 @@ def find_sweep(name: str, output_dir: str, uri: str) -> dict:
     root = Path(output_dir).resolve() / "sweeps"
     folder = root / name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or folder.resolve().parent != root:
-        raise ConfigError(f"--resume: {name!r} is not a sweep name (letters, digits, '_', '.', '-'; "
-                          f"a folder directly under {root})")
+        raise ConfigError(
+            f"--resume: {name!r} is not a sweep name (letters, digits, '_', '.', '-'; a folder directly under {root})"
+        )
     if not (folder / "sweep.json").is_file():
         raise ConfigError(f"--resume: no sweep named {name!r} under {folder.parent}")
     plan = load_plan(folder)
@@ -396,7 +458,7 @@ def find_sweep(name: str, output_dir: str, uri: str) -> dict:
 
 def run_sweep(plan: dict, *, resume: bool, address: str | None) -> tuple[list[dict], dict | None]:
     """Run (or resume) the Tune sweep for ``plan``; the parent run always ends closed."""
-    from orchestrator.ray_cluster import init_ray
+    from encmm.orchestrator.ray_cluster import init_ray
 
     init_ray(address)
     if resume:
@@ -405,7 +467,7 @@ def run_sweep(plan: dict, *, resume: bool, address: str | None) -> tuple[list[di
         tracking.close_runs_if_process_dies(plan["uri"], [plan["parent_run_id"]], children_of=[plan["parent_run_id"]])
     interrupted = False
     try:
-        from orchestrator.sweep import TRIAL_STARTED
+        from encmm.orchestrator.sweep import TRIAL_STARTED
 
         TRIAL_STARTED.clear()
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -425,7 +487,7 @@ def run_sweep(plan: dict, *, resume: bool, address: str | None) -> tuple[list[di
 def fit_tuner(plan: dict, resume: bool) -> None:
     """Build and fit the Tuner, then log Tune's own wall time (start-up, every trial's process, training,
     teardown) on the parent run: the bench's per-trial figure."""
-    from orchestrator.sweep import build_tuner
+    from encmm.orchestrator.sweep import build_tuner
 
     started = time.time()
     build_tuner(plan, restore=resume).fit()

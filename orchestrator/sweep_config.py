@@ -1,36 +1,38 @@
 """Typed sweep configuration: a base training config plus a search space (no Ray types here).
 
-    name: digits
-    teacher_training: digits-teacher.yaml   # optional: trained once, reused by config hash
-    base: {...}                             # a TrainConfig (trainables/config.py), inline or a file path
-    search:
-      grid:                                 # every combination runs
-        student.remedy: [none, lift, widelast]
-        kd:                                 # a section axis: each value is merged into `kd`
-          - {alpha: 0.0, beta: 1.0}
-          - {alpha: 0.9, beta: 1.0}
-      sample:                               # drawn num_samples times per grid point
-        kd.temperature: {distribution: uniform, low: 1.0, high: 4.0}
-      num_samples: 1
-      arms:                                 # named arms, crossed with the grid: each is a set of overrides
-        ce: {kd.alpha: 0.0, kd.beta: 0.0}
-        lift: {student.remedy: lift}
-    claims:                                 # what `encmm report` tests: mean(a) - mean(b) > 0 (or < 0)
-      - {name: Lift beats CE only, a: lift, b: ce, expect: greater}
-    asha: {grace_period: 2, reduction_factor: 2}   # optional early stopping on val/acc1
-    max_concurrent_trials: null             # default: what the cluster's CPUs/GPUs fit
+name: digits
+teacher_training: digits-teacher.yaml   # optional: trained once, reused by config hash
+base: {...}                             # a TrainConfig (trainables/config.py), inline or a file path
+search:
+  grid:                                 # every combination runs
+    student.remedy: [none, lift, widelast]
+    kd:                                 # a section axis: each value is merged into `kd`
+      - {alpha: 0.0, beta: 1.0}
+      - {alpha: 0.9, beta: 1.0}
+  sample:                               # drawn num_samples times per grid point
+    kd.temperature: {distribution: uniform, low: 1.0, high: 4.0}
+  num_samples: 1
+  arms:                                 # named arms, crossed with the grid: each is a set of overrides
+    ce: {kd.alpha: 0.0, kd.beta: 0.0}
+    lift: {student.remedy: lift}
+claims:                                 # what `encmm report` tests: mean(a) - mean(b) > 0 (or < 0)
+  - {name: Lift beats CE only, a: lift, b: ce, expect: greater}
+asha: {grace_period: 2, reduction_factor: 2}   # optional early stopping on val/acc1
+max_concurrent_trials: null             # default: what the cluster's CPUs/GPUs fit
 """
+
 from __future__ import annotations
 
 import copy
 import itertools
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from trainables.config import ConfigError, TrainConfig, _Strict, apply_overrides, read_yaml, validate_model
+from encmm.trainables.config import ConfigError, TrainConfig, _Strict, apply_overrides, read_yaml, validate_model
 
 
 class SampledAxis(_Strict):
@@ -40,7 +42,7 @@ class SampledAxis(_Strict):
     values: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "SampledAxis":
+    def _check(self) -> SampledAxis:
         if self.distribution == "choice":
             if not self.values:
                 raise ValueError("choice needs a non-empty values list")
@@ -67,10 +69,11 @@ class SearchSpace(_Strict):
     sample: dict[str, SampledAxis] = Field(default_factory=dict)
     num_samples: int = Field(1, ge=1)
     arms: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="named sets of dotted overrides, crossed with the grid (axis `arm`)")
+        default_factory=dict, description="named sets of dotted overrides, crossed with the grid (axis `arm`)"
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "SearchSpace":
+    def _check(self) -> SearchSpace:
         for key, values in self.grid.items():
             if not values:
                 raise ValueError(f"grid axis {key} has no values")
@@ -115,7 +118,7 @@ class SweepConfig(_Strict):
     claims: list[Claim] = Field(default_factory=list, description="comparisons of arms that `encmm report` tests")
 
     @model_validator(mode="after")
-    def _check_claims(self) -> "SweepConfig":
+    def _check_claims(self) -> SweepConfig:
         for claim in self.claims:
             for arm in (claim.a, claim.b):
                 if arm not in self.search.arms:
@@ -162,29 +165,48 @@ def grid_points(space: SearchSpace) -> list[dict[str, Any]]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] or [{}]
 
 
-def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Path]:
+def sweep_source(config: str | Path | Mapping[str, Any] | SweepConfig) -> str:
+    """What errors about ``config`` name: the file, or ``<dict>`` / ``<SweepConfig>``."""
+    if isinstance(config, SweepConfig):
+        return "<SweepConfig>"
+    return "<dict>" if isinstance(config, Mapping) else str(Path(config))
+
+
+def load_sweep_config(
+    path: str | Path | Mapping[str, Any] | SweepConfig, overrides: list[str] | None = None
+) -> tuple[SweepConfig, Path]:
     """Read and validate a sweep file; ``--set`` overrides address the base (``kd.alpha=..``) or the sweep
-    (``sweep.name=..``). Returns the config and the folder relative paths resolve against."""
-    path = Path(path)
-    raw = read_yaml(path)
+    (``sweep.name=..``). Returns the config and the folder relative paths resolve against.
+
+    ``path`` may also be the file's contents as a dict, or a :class:`SweepConfig`: its relative file
+    references (``base: file.yaml``, ``teacher_training``) then resolve against the current folder."""
+    source = sweep_source(path)
+    if isinstance(path, (Mapping, SweepConfig)):
+        raw = path.model_dump(mode="json") if isinstance(path, SweepConfig) else copy.deepcopy(dict(path))
+        folder = Path.cwd()
+    else:
+        raw, folder = read_yaml(path), Path(path).parent
     base_ref = raw.get("base")
     if isinstance(base_ref, str):
-        raw["base"] = read_yaml((path.parent / base_ref).resolve())
+        raw["base"] = read_yaml((folder / base_ref).resolve())
     if not isinstance(raw.setdefault("base", {}), dict):
-        raise ConfigError(f"{path}: base: must be a training config (a mapping) or its YAML file name, "
-                          f"got {raw['base']!r}")
+        raise ConfigError(
+            f"{source}: base: must be a training config (a mapping) or its YAML file name, got {raw['base']!r}"
+        )
     sweep_overrides = [o for o in overrides or [] if o.startswith("sweep.")]
     base_overrides = [o for o in overrides or [] if not o.startswith("sweep.")]
     apply_overrides({"sweep": raw}, sweep_overrides)  # errors quote the override as given
     apply_overrides(raw["base"], base_overrides)
-    cfg = validate_model(SweepConfig, raw, str(path))
-    return cfg, path.parent.resolve()
+    cfg = validate_model(SweepConfig, raw, source)
+    return cfg, folder.resolve()
 
 
 def bound_points(search: SearchSpace) -> list[dict]:
     """Every grid point with the sampled axes at each combination of their bounds: the trials to check."""
-    bounds = [dict(zip(search.sample, values))
-              for values in itertools.product(*(axis.extremes() for axis in search.sample.values()))] or [{}]
+    bounds = [
+        dict(zip(search.sample, values))
+        for values in itertools.product(*(axis.extremes() for axis in search.sample.values()))
+    ] or [{}]
     return [{**point, **extreme} for point in grid_points(search) for extreme in bounds]
 
 

@@ -3,6 +3,7 @@
 Ray-free on purpose: ``encmm sweep`` validates and opens the sweep with these, and imports Ray Tune
 (``orchestrator.sweep``, ~1.5 s) only while the Ray cluster starts.
 """
+
 from __future__ import annotations
 
 import json

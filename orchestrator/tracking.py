@@ -5,19 +5,27 @@ creates a run, hands a picklable :class:`RunLogger` (URI + run id) to the Ray Tr
 and ends the run FINISHED or FAILED. Params are flat (``kd.alpha``) so the UI's parallel-coordinates
 chart works; per-epoch metrics use ``step=epoch``.
 """
+
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 DEFAULT_EXPERIMENT = "encmm"
 SPOOL_FILE = "mlflow-pending.jsonl"  # per run folder: metrics waiting for an unreachable store
+MODEL_NAME = "model"  # the trained network as an MLflow model: runs:/<run id>/model
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins when set
 
 
 class TrackingError(RuntimeError):
@@ -73,8 +81,9 @@ def check_tracking(uri: str) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here means "unusable"; say so in one line
         detail = str(exc).splitlines()[0] if str(exc) else ""
-        raise TrackingError(f"MLflow tracking store {uri} is not reachable: {exc.__class__.__name__}: {detail}") \
-            from None
+        raise TrackingError(
+            f"MLflow tracking store {uri} is not reachable: {exc.__class__.__name__}: {detail}"
+        ) from None
 
 
 def store_exists(uri: str) -> bool:
@@ -123,8 +132,15 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
-def start_run(uri: str, experiment: str, run_name: str, *, params: dict | None = None,
-              tags: dict | None = None, parent_run_id: str | None = None) -> str:
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    params: dict | None = None,
+    tags: dict | None = None,
+    parent_run_id: str | None = None,
+) -> str:
     """Create a RUNNING run with flat params and tags; returns its id."""
     client = _client(uri)
     all_tags = dict(tags or {})
@@ -142,7 +158,7 @@ def log_params(uri: str, run_id: str, params: dict) -> None:
     items = [Param(key, _param_value(value)) for key, value in params.items()]
     client = _client(uri)
     for start in range(0, len(items), 100):  # MLflow's batch limit
-        client.log_batch(run_id, params=items[start:start + 100])
+        client.log_batch(run_id, params=items[start : start + 100])
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
@@ -159,13 +175,14 @@ def close_runs_if_process_dies(uri: str, run_ids: list[str], children_of: list[s
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "orchestrator.watchdog", "--pid", str(os.getpid()), "--uri", uri]
+    command = [sys.executable, "-m", "encmm.orchestrator.watchdog", "--pid", str(os.getpid()), "--uri", uri]
     for run_id in run_ids:
         command += ["--run", run_id]
     for run_id in children_of or []:
         command += ["--children-of", run_id]
-    watchdog = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    watchdog = subprocess.Popen(
+        command, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     # A process that exits on its own has closed its runs (finally/except blocks): no need to watch them.
     # Only a death that skips atexit (SIGKILL, OOM) leaves the watchdog to act.
     atexit.register(watchdog.kill)
@@ -200,8 +217,9 @@ def _fail_fast():
 
 
 def _spool_lines(metrics: list) -> str:
-    return "".join(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n"
-                   for m in metrics)
+    return "".join(
+        json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n" for m in metrics
+    )
 
 
 @dataclass(frozen=True)
@@ -221,8 +239,11 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(key, float(value), now, step) for key, value in metrics.items()
-                 if isinstance(value, (int, float)) and key != "epoch"]
+        items = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and key != "epoch"
+        ]
         if self.spool is None:
             _client(self.uri).log_batch(self.run_id, metrics=items)
             return
@@ -235,8 +256,10 @@ class RunLogger:
             spool.parent.mkdir(parents=True, exist_ok=True)
             with spool.open("a") as handle:
                 handle.write(_spool_lines(items))
-            print(f"encmm: warning: MLflow store {self.uri} did not take the metrics of step {step} "
-                  f"({exc.__class__.__name__}); kept in {spool}, sent when it is back", flush=True)
+            log.warning(
+                f"encmm: warning: MLflow store {self.uri} did not take the metrics of step {step} "
+                f"({exc.__class__.__name__}); kept in {spool}, sent when it is back",
+            )
 
     def flush(self) -> int:
         """Send the spooled metrics (oldest first); returns how many. Raises if the store still refuses."""
@@ -247,8 +270,8 @@ class RunLogger:
             return 0
         pending = [Metric(**json.loads(line)) for line in spool.read_text().splitlines() if line.strip()]
         for start in range(0, len(pending), 1000):  # MLflow's batch limit
-            _client(self.uri).log_batch(self.run_id, metrics=pending[start:start + 1000])
-            rest = pending[start + 1000:]  # rewrite what is left: a failure later never re-sends a batch
+            _client(self.uri).log_batch(self.run_id, metrics=pending[start : start + 1000])
+            rest = pending[start + 1000 :]  # rewrite what is left: a failure later never re-sends a batch
             spool.write_text(_spool_lines(rest))
         spool.unlink(missing_ok=True)
         return len(pending)
@@ -262,6 +285,29 @@ class RunLogger:
     def __call__(self, metrics: dict, step: int) -> None:
         self.log_metrics(metrics, step)
 
+    @contextmanager
+    def track_training(self, data: dict):
+        """Around the epochs of rank 0: names the run's data (:func:`log_datasets`) and samples system
+        metrics (:func:`start_system_metrics`) until the loop ends, also when it fails. Both start in a
+        background thread: a long file listing or a slow store never delays training."""
+        telemetry = _TrainingTelemetry(self.uri, self.run_id, data)
+        telemetry.start()
+        try:
+            yield
+        finally:
+            telemetry.stop()
+
+    def log_trained_model(self, checkpoint: str | Path, example) -> str | None:
+        """:func:`log_trained_model` on this run; never raises (a warning says what failed)."""
+        try:
+            return log_trained_model(self.uri, self.run_id, checkpoint, example)
+        except Exception as exc:  # noqa: BLE001 - best.pt is logged anyway: the run must not fail here
+            log.warning(
+                f"encmm: warning: the trained model of run {self.run_id} was not logged as an MLflow model "
+                f"({exc.__class__.__name__}: {_first_line(exc)})",
+            )
+            return None
+
 
 def find_runs(uri: str, experiment: str, tags: dict[str, str], statuses: tuple[str, ...] | None = None) -> list:
     """Runs of ``experiment`` carrying all ``tags`` (newest first), optionally filtered by status."""
@@ -270,21 +316,31 @@ def find_runs(uri: str, experiment: str, tags: dict[str, str], statuses: tuple[s
     if exp is None:
         return []
     query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-    runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
-                              max_results=1000)
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1000
+    )
     return [r for r in runs if statuses is None or r.info.status in statuses]
 
 
-def attach_run(uri: str, experiment: str, run_name: str, *, key_tags: dict[str, str], params: dict | None = None,
-               tags: dict | None = None, parent_run_id: str | None = None) -> str:
+def attach_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    key_tags: dict[str, str],
+    params: dict | None = None,
+    tags: dict | None = None,
+    parent_run_id: str | None = None,
+) -> str:
     """The run identified by ``key_tags`` (set back to RUNNING), or a new one: never a duplicate."""
     existing = find_runs(uri, experiment, key_tags)
     if existing:
         run_id = existing[0].info.run_id
         set_status(uri, run_id, "RUNNING")
         return run_id
-    return start_run(uri, experiment, run_name, params=params, tags={**(tags or {}), **key_tags},
-                     parent_run_id=parent_run_id)
+    return start_run(
+        uri, experiment, run_name, params=params, tags={**(tags or {}), **key_tags}, parent_run_id=parent_run_id
+    )
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int = 0) -> None:
@@ -322,14 +378,22 @@ def find_sweep_run(uri: str, name_or_id: str):
             run = None
         if run is not None:
             if run.data.tags.get("encmm.kind") != "sweep":
-                raise TrackingError(f"run {name_or_id} is not an encmm sweep (tag encmm.kind is "
-                                    f"{run.data.tags.get('encmm.kind')!r})")
+                raise TrackingError(
+                    f"run {name_or_id} is not an encmm sweep (tag encmm.kind is {run.data.tags.get('encmm.kind')!r})"
+                )
             return run
     experiment_ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
     safe = name_or_id.replace("'", "")
-    runs = client.search_runs(experiment_ids, filter_string=f"tags.`encmm.kind` = 'sweep' and "
-                              f"tags.`encmm.sweep_name` = '{safe}'", order_by=["attributes.start_time DESC"],
-                              max_results=10) if experiment_ids else []
+    runs = (
+        client.search_runs(
+            experiment_ids,
+            filter_string=f"tags.`encmm.kind` = 'sweep' and tags.`encmm.sweep_name` = '{safe}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=10,
+        )
+        if experiment_ids
+        else []
+    )
     if not runs:
         raise TrackingError(f"no sweep named {name_or_id!r} (and no sweep run with that id) in {uri}")
     return runs[0]
@@ -339,9 +403,12 @@ def list_child_runs(uri: str, parent_run_id: str) -> list:
     """Every run whose ``mlflow.parentRunId`` is ``parent_run_id`` (any status), oldest first."""
     client = _client(uri)
     parent = client.get_run(parent_run_id)
-    return client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=5000)
+    return client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=5000,
+    )
 
 
 def experiment_name(uri: str, experiment_id: str) -> str:
@@ -368,3 +435,262 @@ def list_artifact_paths(uri: str, run_id: str, path: str | None = None) -> list[
 def experiment_id(uri: str, name: str) -> str | None:
     experiment = _client(uri).get_experiment_by_name(name)
     return None if experiment is None else experiment.experiment_id
+
+
+# ------------------------------------------------------------------ MLflow conventions: data, system metrics, model
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else ""
+
+
+def _digest(*parts: bytes | str) -> str:
+    """16 hex digits of sha256 over ``parts`` (MLflow keeps a dataset digest in 36 characters)."""
+    sha = hashlib.sha256()
+    for part in parts:
+        sha.update(part.encode() if isinstance(part, str) else part)
+        sha.update(b"\0")
+    return sha.hexdigest()[:16]
+
+
+def folder_listing(folder: str | Path) -> bytes:
+    """Every file under ``folder`` as ``relative/path<TAB>size`` lines, sorted: what identifies a folder of
+    images, read from the directory entries without opening a file."""
+    lines, pending = [], [""]
+    while pending:  # os.scandir, not os.walk + Path: ~4 us a file here (ImageNet: ~5 s, in a thread)
+        relative = pending.pop()
+        with os.scandir(os.path.join(folder, relative)) as entries:
+            for entry in entries:
+                path = f"{relative}/{entry.name}" if relative else entry.name
+                if entry.is_dir():
+                    pending.append(path)
+                elif entry.is_file():
+                    lines.append(f"{path}\t{entry.stat().st_size}")
+    return "\n".join(sorted(lines)).encode()
+
+
+def describe_datasets(data: dict) -> list[tuple[Any, str]]:
+    """``[(dataset, context), ...]``: the training and validation splits of a ``DataConfig`` (json dump) as
+    MLflow ``MetaDataset``s, contexts ``training`` / ``validation``.
+
+    Each split is its own dataset (MLflow keeps one input per run and dataset, whatever its context):
+    - digits: name ``digits``, source scikit-learn's ``digits.csv.gz``, digest of the image and label arrays
+      with the split (``val_fraction``, ``split_seed``, train or val);
+    - imagefolder: name = the root folder's name, source ``<root>/train`` and ``<root>/val``, digest of the
+      split and its folder's :func:`folder_listing`;
+    - timm: name = the timm dataset name (``torch/cifar10``), source its root, digest of the name, the split
+      and the root's listing;
+    - synthetic: name ``synthetic``, a code source, digest of its generator settings.
+    """
+    from importlib.resources import files
+
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import CodeDatasetSource, LocalArtifactDatasetSource
+
+    splits = (("train", "training"), ("val", "validation"))
+    name = data["name"]
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        arrays = _digest(digits.images.tobytes(), digits.target.tobytes())
+        split = f"val_fraction={data['val_fraction']};split_seed={data['split_seed']}"
+        source = LocalArtifactDatasetSource(str(files("sklearn.datasets.data") / "digits.csv.gz"))
+        return [
+            (MetaDataset(source, name="digits", digest=_digest(arrays, split, part)), context)
+            for part, context in splits
+        ]
+    if name == "imagefolder":
+        root = Path(data["root"])
+        return [
+            (
+                MetaDataset(
+                    LocalArtifactDatasetSource(str(root / part)),
+                    name=root.name,
+                    digest=_digest(part, folder_listing(root / part)),
+                ),
+                context,
+            )
+            for part, context in splits
+        ]
+    if name == "timm":
+        root = Path(data["root"] or Path.cwd() / "data")  # trainables.data's default root
+        listing = folder_listing(root) if root.is_dir() else b""
+        return [
+            (
+                MetaDataset(
+                    LocalArtifactDatasetSource(str(root)),
+                    name=data["dataset"],
+                    digest=_digest(data["dataset"], part, listing),
+                ),
+                context,
+            )
+            for part, context in splits
+        ]
+    settings = {
+        key: data[key] for key in ("synthetic_samples", "synthetic_classes", "img_size", "val_fraction", "split_seed")
+    }
+    source = CodeDatasetSource({"encmm.generator": "encmm.trainables.data.build_synthetic", **settings})
+    return [
+        (MetaDataset(source, name=name, digest=_digest(json.dumps(settings, sort_keys=True), part)), context)
+        for part, context in splits
+    ]
+
+
+def log_datasets(uri: str, run_id: str, data: dict) -> list[tuple[str, str, str]]:
+    """Log the run's data as MLflow dataset inputs (what ``mlflow.log_input`` does, on a run by id);
+    returns ``[(name, digest, context), ...]``. Logging the same datasets again adds nothing."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    described = describe_datasets(data)
+    _client(uri).log_inputs(
+        run_id,
+        [
+            DatasetInput(Dataset(**dataset.to_dict()), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            for dataset, context in described
+        ],
+    )
+    return [(dataset.name, dataset.digest, context) for dataset, context in described]
+
+
+def start_system_metrics(uri: str, run_id: str, interval_s: float = SYSTEM_METRICS_INTERVAL_S):
+    """Start MLflow's system-metrics monitor on a run by id (no active run needed): ``system/*`` metrics
+    (CPU, memory, disk, network; GPU where ``nvidia-ml-py`` is installed and finds one), one aggregated
+    sample every ``interval_s``, steps continuing those already logged (a restarted worker). Returns the
+    monitor; ``monitor.finish()`` stops it and logs one last sample, so a run shorter than one interval has
+    its metrics too. The monitor also stops by itself once the run is no longer RUNNING."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class FinalSampleMonitor(SystemMetricsMonitor):
+        def finish(self):
+            started = self._process is not None
+            super().finish()  # MLflow's own loop drops the samples of an unfinished interval
+            if started:
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+                self.mlflow_logger.flush()
+
+    monitor = FinalSampleMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+class _TrainingTelemetry:
+    """Datasets, then system metrics, started in a daemon thread; :meth:`stop` ends both."""
+
+    def __init__(self, uri: str, run_id: str, data: dict):
+        self.uri, self.run_id, self.data = uri, run_id, data
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.monitor = None
+        self.thread = threading.Thread(target=self._begin, name="encmm-telemetry", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _begin(self) -> None:
+        try:
+            log_datasets(self.uri, self.run_id, self.data)
+        except Exception as exc:  # noqa: BLE001 - lineage is best effort: training goes on without it
+            log.warning(
+                f"encmm: warning: the datasets of run {self.run_id} were not logged "
+                f"({exc.__class__.__name__}: {_first_line(exc)})",
+            )
+        with self.lock:
+            if self.stopped:
+                return
+            try:
+                self.monitor = start_system_metrics(self.uri, self.run_id)
+            except Exception as exc:  # noqa: BLE001 - e.g. psutil missing
+                log.warning(
+                    f"encmm: warning: no system metrics for run {self.run_id} "
+                    f"({exc.__class__.__name__}: {_first_line(exc)})",
+                )
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        self.thread.join(timeout_s)  # a listing still running after that is left to finish on its own
+        if not self.lock.acquire(timeout=timeout_s):
+            return
+        try:
+            self.stopped = True
+            if self.monitor is not None:
+                self.monitor.finish()
+        finally:
+            self.lock.release()
+
+
+@contextmanager
+def _fluent_tracking_uri(uri: str):
+    """``mlflow.<flavor>.log_model`` reads the process-wide tracking URI: point it at ``uri`` meanwhile."""
+    import mlflow
+    from mlflow.tracking import is_tracking_uri_set
+
+    previous = mlflow.get_tracking_uri() if is_tracking_uri_set() else None  # None: back to unset
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def log_trained_model(uri: str, run_id: str, checkpoint: str | Path, example, *, name: str = MODEL_NAME) -> str:
+    """Log the network an encmm checkpoint holds as an MLflow model of the run; returns its ``models:/`` URI.
+
+    The model is the inference network :func:`trainables.teacher.model_from_checkpoint` rebuilds (never the
+    projector), in eval mode, saved with ``torch.export`` (MLflow's ``pt2`` format): loading it needs torch
+    only, neither encmm nor pickle. ``example``: images ``[B, 3, S, S]`` float32 with B >= 2 (torch.export
+    makes a batch size of 1 static); they give the signature (tensor in, logits ``[B, K]`` out) and the
+    input example. ``mlflow.pytorch.load_model(f"runs:/{run_id}/{name}")`` loads it, ``mlflow.register_model``
+    registers it. The logged model is created in the run's experiment (MLflow's default would be the active
+    experiment) and linked to the run at the best epoch, with the run's params. Idempotent: a run that
+    already has a READY model of that name (a retried trial) keeps it.
+    """
+    import importlib.metadata
+
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import infer_signature
+
+    from encmm.trainables.teacher import load_checkpoint_file, model_from_checkpoint
+
+    client = _client(uri)
+    run = client.get_run(run_id)
+    experiment = run.info.experiment_id
+    for found in client.search_logged_models(
+        [experiment], filter_string=f"name = '{name}' AND source_run_id = '{run_id}'"
+    ):
+        if found.status == LoggedModelStatus.READY:
+            return f"models:/{found.model_id}"
+        client.delete_logged_model(found.model_id)  # left PENDING/FAILED by a crash: runs:/ must not find it
+    ckpt = load_checkpoint_file(checkpoint)
+    model = model_from_checkpoint(ckpt)[0].eval()
+    images = np.ascontiguousarray(np.asarray(example, dtype=np.float32))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images)).numpy()
+    logged = client.create_logged_model(
+        experiment,
+        name=name,
+        source_run_id=run_id,
+        params=run.data.params,
+        tags={"encmm.checkpoint": "checkpoints/best.pt", "encmm.best_epoch": str(ckpt.get("epoch"))},
+    )
+    try:
+        with _fluent_tracking_uri(uri):
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                model_id=logged.model_id,
+                run_id=run_id,
+                step=int(ckpt.get("epoch") or 0),
+                signature=infer_signature(images, logits),
+                input_example=images,
+                serialization_format="pt2",
+                # Explicit: MLflow's requirement inference re-loads the model in a subprocess (seconds).
+                pip_requirements=[f"torch=={importlib.metadata.version('torch')}"],
+            )
+    except BaseException:
+        with suppress(Exception):  # FAILED, without artifacts: runs:/ must not find it
+            client.delete_logged_model(logged.model_id)
+        raise
+    return info.model_uri

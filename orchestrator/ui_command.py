@@ -4,6 +4,7 @@
 created by encmm keep absolute ``file:`` artifact locations beside the SQLite store; the server reads
 those directly (``--no-serve-artifacts``: no proxy that would resolve them against its own folder).
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from orchestrator import tracking
-from trainables.config import ConfigError
+from encmm.orchestrator import tracking
+from encmm.trainables.config import ConfigError
 
 HEALTH_TIMEOUT_S = 120.0
 DEFAULT_HOST = "127.0.0.1"  # loopback only: the UI serves every run, param and artifact of the store
@@ -23,8 +24,21 @@ DEFAULT_PORT = 5000
 
 
 def server_command(uri: str, host: str, port: int) -> list[str]:
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-               "--port", str(port), "--workers", "1", "--no-serve-artifacts"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--no-serve-artifacts",
+    ]
     if uri.startswith("sqlite:///"):
         # new experiments created through the UI land beside encmm's own ones
         root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
@@ -48,8 +62,10 @@ def wait_healthy(base: str, process: subprocess.Popen, timeout: float = HEALTH_T
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ConfigError(f"mlflow server exited with code {process.returncode} before answering "
-                              f"(is port {base.rsplit(':', 1)[-1]} free?)")
+            raise ConfigError(
+                f"mlflow server exited with code {process.returncode} before answering "
+                f"(is port {base.rsplit(':', 1)[-1]} free?)"
+            )
         try:
             with urllib.request.urlopen(base + "/health", timeout=2) as response:
                 if response.status == 200:
@@ -85,8 +101,13 @@ def start_server(uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -
     return subprocess.Popen(server_command(uri, host, port), start_new_session=True)
 
 
-def run_ui(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, tracking_uri: str | None = None,
-           sweep: str | None = None, echo=print) -> int:
+def run_ui(
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    tracking_uri: str | None = None,
+    sweep: str | None = None,
+    echo=print,
+) -> int:
     """Serve until Ctrl-C (or until the server dies); returns the server's exit code (0 on Ctrl-C)."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_tracking(uri)

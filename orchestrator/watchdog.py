@@ -7,8 +7,9 @@ is gone ends every run it watches that is still RUNNING (and, for a sweep, the s
 FAILED with the reason. A process that ends normally has closed its runs already: the watchdog then
 only exits. ``encmm sweep --resume`` re-opens the runs it continues.
 
-    python -m orchestrator.watchdog --pid PID --uri URI --run RUN_ID [--run ...] [--children-of RUN_ID]
+    python -m encmm.orchestrator.watchdog --pid PID --uri URI --run RUN_ID [--run ...] [--children-of RUN_ID]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,12 @@ def process_alive(pid: int) -> bool:
 
 def close_orphaned_runs(uri: str, run_ids: list[str], children_of: list[str], pid: int) -> list[str]:
     """End the watched runs (and the trial runs of ``children_of``) still RUNNING as FAILED; returns their ids."""
-    from orchestrator import tracking
+    from encmm.orchestrator import tracking
 
-    reason = (f"the encmm process {pid} that owned this run died without closing it (killed?); "
-              f"a sweep continues with: encmm sweep --resume NAME")
+    reason = (
+        f"the encmm process {pid} that owned this run died without closing it (killed?); "
+        f"a sweep continues with: encmm sweep --resume NAME"
+    )
     closed = []
     candidates = list(run_ids)
     for parent in children_of:

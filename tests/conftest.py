@@ -1,4 +1,5 @@
 """Shared fixtures: one local Ray cluster per test session, tiny configs, a temp MLflow store."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ def ray_cluster():
     """A real local Ray cluster shared by every test that needs one (start-up costs ~5 s)."""
     import ray
 
-    from orchestrator.ray_cluster import init_ray
+    from encmm.orchestrator.ray_cluster import init_ray
 
     init_ray(None)
     yield ray

@@ -2,6 +2,7 @@
 
 A GPU session gets minutes of device time: the scripts in bench/ must not be what breaks there.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,29 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 @pytest.mark.parametrize("preset", ["digits", "cait-deit"])
 def test_train_step_bench_runs_both_loops_and_reports_a_ratio(preset, tmp_path):
     out = tmp_path / "train_step.json"
-    done = subprocess.run([sys.executable, str(BENCH / "bench_train_step.py"), "--presets", preset, "--steps", "2",
-                           "--repeats", "1", "--warmup", "1", "--threads", "1", "--batch-size", "4",
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_train_step.py"),
+            "--presets",
+            preset,
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--batch-size",
+            "4",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(out.read_text())["results"][0]
     assert row["preset"] == preset and row["encmm_img_s"] > 0 and row["bare_img_s"] > 0 and row["ratio"] > 0
@@ -27,16 +48,36 @@ def test_train_step_bench_runs_both_loops_and_reports_a_ratio(preset, tmp_path):
 
 def test_spectra_bench_checks_ranks_against_the_reference(tmp_path):
     out = tmp_path / "spectra.json"
-    done = subprocess.run([sys.executable, str(BENCH / "bench_spectra.py"), "--images", "40", "--repeats", "1",
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_spectra.py"), "--images", "40", "--repeats", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "encmm-svd_rank" in done.stdout
 
 
 def test_train_step_profile_writes_where_the_step_time_goes(tmp_path):
-    done = subprocess.run([sys.executable, str(BENCH / "bench_train_step.py"), "--presets", "digits", "--steps", "2",
-                           "--warmup", "1", "--threads", "1", "--profile", str(tmp_path / "profile.txt")],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_train_step.py"),
+            "--presets",
+            "digits",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--profile",
+            str(tmp_path / "profile.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     text = (tmp_path / "profile-digits-eager.txt").read_text()
     assert "== encmm, compile=off" in text and "== bare, compile=off" in text
@@ -46,10 +87,31 @@ def test_train_step_profile_writes_where_the_step_time_goes(tmp_path):
 @pytest.mark.parametrize("attention", ["fused", "folded"])
 def test_swapped_teacher_attention_computes_timms_block(attention, tmp_path):
     out = tmp_path / "train_step.json"
-    done = subprocess.run([sys.executable, str(BENCH / "bench_train_step.py"), "--presets", "cait-deit", "--steps", "1",
-                           "--repeats", "1", "--warmup", "1", "--threads", "1", "--batch-size", "2",
-                           "--teacher-attention", attention, "--json", str(out)], capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_train_step.py"),
+            "--presets",
+            "cait-deit",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--batch-size",
+            "2",
+            "--teacher-attention",
+            attention,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(out.read_text())["results"][0]
     assert row["swapped_attention_blocks"] == 24  # every talking-heads block of CaiT-S24
@@ -58,9 +120,27 @@ def test_swapped_teacher_attention_computes_timms_block(attention, tmp_path):
 
 def test_teacher_forward_bench_times_every_attention_variant(tmp_path):
     out = tmp_path / "teacher_forward.json"
-    done = subprocess.run([sys.executable, str(BENCH / "bench_teacher_forward.py"), "--img-size", "32",
-                           "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_teacher_forward.py"),
+            "--img-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert rows.keys() == {"timm", "fused", "fused-expanded", "folded"} and all(r["img_s"] > 0 for r in rows.values())

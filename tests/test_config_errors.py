@@ -17,10 +17,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
-from trainables.config import ConfigError, TrainConfig
-from trainables.preflight import check_train_config
-from trainables.teacher import build_teacher
+from encmm.orchestrator.cli import app
+from encmm.trainables.config import ConfigError, TrainConfig
+from encmm.trainables.preflight import check_train_config
+from encmm.trainables.teacher import build_teacher
 
 # A valid tiny run: digits at 16 px, patch 4 -> 4x4 grid, a 32-wide student with 2 heads.
 BASE = """\
@@ -58,33 +58,86 @@ CASES = [
     Case("unknown-nested-key", BASE + "kd: {alpah: 0.5}\n", expect=("bad.yaml", "kd.alpah", "not permitted")),
     Case("wrong-type", BASE, ("data.batch_size=big",), expect=("bad.yaml", "data.batch_size", "'big'")),
     Case("out-of-range", BASE, ("kd.alpha=1.5",), expect=("bad.yaml", "kd.alpha", "1.5")),
-    Case("width-not-divisible-by-head-dim", BASE, ("student.width=100", "student.head_dim=64"),
-         expect=("bad.yaml", "student.width", "100", "64")),
+    Case(
+        "width-not-divisible-by-head-dim",
+        BASE,
+        ("student.width=100", "student.head_dim=64"),
+        expect=("bad.yaml", "student.width", "100", "64"),
+    ),
     Case("kd-beta-without-teacher", BASE, ("kd.beta=0.2",), expect=("bad.yaml", "kd.beta", "teacher")),
     Case("bad-set-syntax", BASE, ("kd.alpha",), expect=("--set", "kd.alpha", "KEY.PATH=VALUE")),
     Case("missing-config-file", None, expect=("bad.yaml", "not found")),
     Case("yaml-syntax-error", "data: [1, 2\nstudent: {}\n", expect=("bad.yaml", "YAML", "line")),
-    Case("unknown-timm-student", BASE, ("student.model=not_a_vit",),
-         expect=("bad.yaml", "student.model", "not_a_vit"), stage=PREFLIGHT),
-    Case("unknown-timm-teacher", BASE + TIMM_TEACHER, ("teacher.model=not_a_teacher",),
-         expect=("bad.yaml", "teacher.model", "not_a_teacher"), stage=PREFLIGHT),
-    Case("imagefolder-missing-root", BASE, ("data.name=imagefolder", "data.root=nowhere"),
-         expect=("bad.yaml", "data.root", "nowhere"), stage=PREFLIGHT),
-    Case("imagefolder-root-without-train-val", BASE, ("data.name=imagefolder", "data.root=images"),
-         expect=("bad.yaml", "data.root", "train/"), stage=PREFLIGHT, files={"images": None}),
-    Case("imagefolder-without-images", BASE, ("data.name=imagefolder", "data.root=images"),
-         expect=("bad.yaml", "data.root", "no image files", "empty dataset"), stage=PREFLIGHT,
-         files={"images/train/a": None, "images/val/a": None, "images/train/a/notes.txt": b"x",
-                "images/val/a/notes.txt": b"x"}),
-    Case("teacher-grid-mismatch", BASE + TIMM_TEACHER,  # teacher 16 px / patch 16 = 1x1, student 4x4
-         expect=("bad.yaml", "teacher", "(1, 1)", "(4, 4)"), stage=PREFLIGHT),
-    Case("avgpool-student-wider-than-teacher", GRID_MATCHED, ("student.projector=avgpool", "student.width=256"),
-         expect=("bad.yaml", "student.projector", "192", "256"), stage=PREFLIGHT),
-    Case("missing-teacher-checkpoint", BASE + "teacher: {source: checkpoint, checkpoint: gone.pt}\nkd: {beta: 0.5}\n",
-         expect=("bad.yaml", "teacher.checkpoint", "gone.pt"), stage=PREFLIGHT),
-    Case("teacher-checkpoint-not-encmm", BASE + "teacher: {source: checkpoint, checkpoint: junk.pt}\nkd: {alpha: 0.5}\n",
-         expect=("bad.yaml", "teacher.checkpoint", "junk.pt"), stage=PREFLIGHT, files={"junk.pt": b"not a checkpoint"}),
+    Case(
+        "unknown-timm-student",
+        BASE,
+        ("student.model=not_a_vit",),
+        expect=("bad.yaml", "student.model", "not_a_vit"),
+        stage=PREFLIGHT,
+    ),
+    Case(
+        "unknown-timm-teacher",
+        BASE + TIMM_TEACHER,
+        ("teacher.model=not_a_teacher",),
+        expect=("bad.yaml", "teacher.model", "not_a_teacher"),
+        stage=PREFLIGHT,
+    ),
+    Case(
+        "imagefolder-missing-root",
+        BASE,
+        ("data.name=imagefolder", "data.root=nowhere"),
+        expect=("bad.yaml", "data.root", "nowhere"),
+        stage=PREFLIGHT,
+    ),
+    Case(
+        "imagefolder-root-without-train-val",
+        BASE,
+        ("data.name=imagefolder", "data.root=images"),
+        expect=("bad.yaml", "data.root", "train/"),
+        stage=PREFLIGHT,
+        files={"images": None},
+    ),
+    Case(
+        "imagefolder-without-images",
+        BASE,
+        ("data.name=imagefolder", "data.root=images"),
+        expect=("bad.yaml", "data.root", "no image files", "empty dataset"),
+        stage=PREFLIGHT,
+        files={
+            "images/train/a": None,
+            "images/val/a": None,
+            "images/train/a/notes.txt": b"x",
+            "images/val/a/notes.txt": b"x",
+        },
+    ),
+    Case(
+        "teacher-grid-mismatch",
+        BASE + TIMM_TEACHER,  # teacher 16 px / patch 16 = 1x1, student 4x4
+        expect=("bad.yaml", "teacher", "(1, 1)", "(4, 4)"),
+        stage=PREFLIGHT,
+    ),
+    Case(
+        "avgpool-student-wider-than-teacher",
+        GRID_MATCHED,
+        ("student.projector=avgpool", "student.width=256"),
+        expect=("bad.yaml", "student.projector", "192", "256"),
+        stage=PREFLIGHT,
+    ),
+    Case(
+        "missing-teacher-checkpoint",
+        BASE + "teacher: {source: checkpoint, checkpoint: gone.pt}\nkd: {beta: 0.5}\n",
+        expect=("bad.yaml", "teacher.checkpoint", "gone.pt"),
+        stage=PREFLIGHT,
+    ),
+    Case(
+        "teacher-checkpoint-not-encmm",
+        BASE + "teacher: {source: checkpoint, checkpoint: junk.pt}\nkd: {alpha: 0.5}\n",
+        expect=("bad.yaml", "teacher.checkpoint", "junk.pt"),
+        stage=PREFLIGHT,
+        files={"junk.pt": b"not a checkpoint"},
+    ),
 ]
+
 
 def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
@@ -93,6 +146,7 @@ def tree(root: Path) -> set[str]:
 @dataclass
 class Outcome:
     """What one bad-input invocation did (also used by test_bad_input, whose cases may start from a store)."""
+
     exit_code: int
     stdout: str
     stderr: str
@@ -164,8 +218,13 @@ def test_console_script_exits_2_with_one_stderr_line_and_no_traceback(tmp_path):
     before = tree(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     exe = Path(sys.executable).with_name("encmm")
-    command = [str(exe) if exe.exists() else "encmm", "train", "bad.yaml",
-               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    command = [
+        str(exe) if exe.exists() else "encmm",
+        "train",
+        "bad.yaml",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
@@ -177,18 +236,21 @@ def test_console_script_exits_2_with_one_stderr_line_and_no_traceback(tmp_path):
 
 
 def test_preflight_accepts_only_teachers_that_can_take_the_student_batch():
-    cfg = TrainConfig.model_validate({
-        "data": {"name": "digits", "img_size": 16},
-        "student": {"model": "vit_tiny_patch16_224", "width": 32, "depth": 2, "head_dim": 16, "patch_size": 4},
-        "teacher": {"source": "timm", "model": "vit_tiny_patch16_224", "pretrained": False, "img_size": 64},
-        "kd": {"beta": 0.5},
-    })
+    cfg = TrainConfig.model_validate(
+        {
+            "data": {"name": "digits", "img_size": 16},
+            "student": {"model": "vit_tiny_patch16_224", "width": 32, "depth": 2, "head_dim": 16, "patch_size": 4},
+            "teacher": {"source": "timm", "model": "vit_tiny_patch16_224", "pretrained": False, "img_size": 64},
+            "kd": {"beta": 0.5},
+        }
+    )
     try:
         check_train_config(cfg, "cfg.yaml")
     except ConfigError:
         return  # rejected up front: fine
-    teacher = build_teacher(cfg.teacher, student_mean=(0.5,) * 3, student_std=(0.5,) * 3,
-                            img_size=cfg.data.img_size, load_weights=False)
+    teacher = build_teacher(
+        cfg.teacher, student_mean=(0.5,) * 3, student_std=(0.5,) * 3, img_size=cfg.data.img_size, load_weights=False
+    )
     logits, tokens = teacher(torch.zeros(1, 3, cfg.data.img_size, cfg.data.img_size))  # what training feeds it
     assert tokens.shape[1] == (cfg.data.img_size // cfg.student.patch_size) ** 2
 
@@ -196,15 +258,16 @@ def test_preflight_accepts_only_teachers_that_can_take_the_student_batch():
 @pytest.mark.parametrize("written,expected", [("on", "on"), ("off", "off"), ("auto", "auto"), ("'on'", "on")])
 def test_bare_on_and_off_mean_the_switch_not_a_boolean(written, expected):
     """YAML 1.1 reads ``on``/``off`` as booleans; ``--set resources.compile=on`` must still mean "on"."""
-    from trainables.config import load_train_config
+    from encmm.trainables.config import load_train_config
 
-    cfg = load_train_config(None, [f"resources.compile={written}", f"resources.local_mode={written}",
-                                   f"teacher.fused_attention={written}"])
+    cfg = load_train_config(
+        None, [f"resources.compile={written}", f"resources.local_mode={written}", f"teacher.fused_attention={written}"]
+    )
     assert (cfg.resources.compile, cfg.resources.local_mode, cfg.teacher.fused_attention) == (expected,) * 3
 
 
 def test_a_switch_still_rejects_other_values_in_one_line():
-    from trainables.config import load_train_config
+    from encmm.trainables.config import load_train_config
 
     with pytest.raises(ConfigError, match=r"^<defaults>: resources.compile: Input should be 'auto', 'on' or 'off'"):
         load_train_config(None, ["resources.compile=1"])

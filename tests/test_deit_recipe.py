@@ -4,6 +4,7 @@ Issue 13, part 0: timm's increasing posterize asks Pillow for 0 bits at the top 
 refuses 0 bits, so about one train image in several hundred raised and no ImageNet epoch could finish.
 Real timm, real Pillow, JPEGs encoded and decoded in memory; no mocks.
 """
+
 from __future__ import annotations
 
 import io
@@ -15,9 +16,14 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from trainables.config import DataConfig
-from trainables.data import (IMAGENET_MEAN, IMAGENET_STD, _augment_ops, build_deit_transforms,
-                             posterize_keeping_zero_bits)
+from encmm.trainables.config import DataConfig
+from encmm.trainables.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _augment_ops,
+    build_deit_transforms,
+    posterize_keeping_zero_bits,
+)
 
 TRANSFORMS = 20_000
 IMG_SIZE = 32
@@ -49,9 +55,18 @@ def timm_deit_train_transform(cfg: DataConfig):
     """The same transform built by timm directly, without encmm's posterize fix."""
     from timm.data import create_transform
 
-    return create_transform(cfg.img_size, is_training=True, auto_augment=cfg.auto_augment,
-                            color_jitter=cfg.color_jitter, re_prob=cfg.random_erasing, re_mode="pixel",
-                            re_count=1, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return create_transform(
+        cfg.img_size,
+        is_training=True,
+        auto_augment=cfg.auto_augment,
+        color_jitter=cfg.color_jitter,
+        re_prob=cfg.random_erasing,
+        re_mode="pixel",
+        re_count=1,
+        interpolation="bicubic",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -81,10 +96,12 @@ def test_pillow_refuses_zero_bits_and_encmm_posterize_gives_black():
     assert black.mode == image.mode and black.size == image.size
     assert not np.asarray(black).any()
     for bits in range(1, 8):
-        assert np.array_equal(np.asarray(posterize_keeping_zero_bits(image, bits)),
-                              np.asarray(ImageOps.posterize(image, bits)))
-        assert np.array_equal(np.asarray(posterize_keeping_zero_bits(image, bits)),
-                              np.asarray(timm_posterize(image, bits)))
+        assert np.array_equal(
+            np.asarray(posterize_keeping_zero_bits(image, bits)), np.asarray(ImageOps.posterize(image, bits))
+        )
+        assert np.array_equal(
+            np.asarray(posterize_keeping_zero_bits(image, bits)), np.asarray(timm_posterize(image, bits))
+        )
     assert posterize_keeping_zero_bits(image, 8) is image  # as timm: 8 bits or more is a no-op
 
 
@@ -147,16 +164,26 @@ def test_encmm_train_with_deit_augment_on_a_jpeg_imagefolder_finishes(ray_cluste
     from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
 
-    from orchestrator.cli import app
+    from encmm.orchestrator.cli import app
 
     write_jpeg_folder(tmp_path / "images")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = ["data.name=imagefolder", f"data.root={tmp_path / 'images'}", "data.augment=deit", "data.img_size=32",
-            "data.batch_size=16", "student.width=32", "student.depth=2", "student.head_dim=16",
-            "student.patch_size=8", "schedule.epochs=1", "schedule.warmup_epochs=0",
-            "resources.cpus_per_worker=0.5"]
+    sets = [
+        "data.name=imagefolder",
+        f"data.root={tmp_path / 'images'}",
+        "data.augment=deit",
+        "data.img_size=32",
+        "data.batch_size=16",
+        "student.width=32",
+        "student.depth=2",
+        "student.head_dim=16",
+        "student.patch_size=8",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        "resources.cpus_per_worker=0.5",
+    ]
     result = CliRunner().invoke(app, ["train", "--tracking-uri", uri, *[x for s in sets for x in ("--set", s)]])
     assert result.exit_code == 0, result.output[-3000:]
     client = MlflowClient(uri)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from analysis import features as feats
-from analysis.spectra import SEP_STATISTIC_DEFINITIONS, diagnose_layer
-from orchestrator import tracking
-from orchestrator.cli import app
+from encmm.analysis import features as feats
+from encmm.analysis.spectra import SEP_STATISTIC_DEFINITIONS, diagnose_layer
+from encmm.orchestrator import tracking
+from encmm.orchestrator.cli import app
 from tests.conftest import TINY_DIGITS
 
 LAYER_KEYS = {"index", "tokens", "channels", "svd_rank", "pca_rank", "sep", "rotation"}
@@ -84,8 +84,11 @@ def test_saved_array_report_equals_direct_math_and_is_logged_to_mlflow(ray_clust
     features = low_rank_features()
     np.save(tmp_path / "features.npy", features)
     out = tmp_path / "out"
-    report, result = diagnose(["--features", str(tmp_path / "features.npy"), "--model", "my_vit",
-                               "--permutations", "3", "--pairs", "20"], store, out)
+    report, result = diagnose(
+        ["--features", str(tmp_path / "features.npy"), "--model", "my_vit", "--permutations", "3", "--pairs", "20"],
+        store,
+        out,
+    )
 
     assert set(report) == {"model", "num_images", "thresholds", "layers"}
     assert report["model"] == "my_vit" and report["num_images"] == 6 and report["thresholds"] == list(THRESHOLDS)
@@ -107,8 +110,14 @@ def test_saved_array_report_equals_direct_math_and_is_logged_to_mlflow(ray_clust
     assert "SVD p99" in result.stdout and "SEP d/D at 90%" in result.stdout
 
     csvs = ["ranks.csv", "sep.csv", "rotation.csv", "sep_curves.csv", "pca_curves.csv", "last_layer_images.csv"]
-    pngs = ["rank_by_layer.png", "rank_histograms.png", "pca_energy.png", "sep_curves.png", "sep_permutation.png",
-            "rotation.png"]
+    pngs = [
+        "rank_by_layer.png",
+        "rank_histograms.png",
+        "pca_energy.png",
+        "sep_curves.png",
+        "sep_permutation.png",
+        "rotation.png",
+    ]
     assert all((out / name).stat().st_size > 0 for name in csvs)
     assert all((out / "figures" / name).stat().st_size > 0 for name in pngs)
     assert len((out / "ranks.csv").read_text().splitlines()) == 1 + 2 * 2 * len(THRESHOLDS)
@@ -122,9 +131,11 @@ def test_saved_array_report_equals_direct_math_and_is_logged_to_mlflow(ray_clust
     client = MlflowClient(store)
     history = client.get_metric_history(run_id, "diag/svd_rank_p99/0.99")
     assert sorted((m.step, m.value) for m in history) == [
-        (i, report["layers"][i]["svd_rank"]["0.99"]["p99"]) for i in (0, 1)]
+        (i, report["layers"][i]["svd_rank"]["0.99"]["p99"]) for i in (0, 1)
+    ]
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
-        a.path for a in client.list_artifacts(run_id, "figures")}
+        a.path for a in client.list_artifacts(run_id, "figures")
+    }
     assert {"diagnostics.json", *csvs, *(f"figures/{name}" for name in pngs)} <= artifacts
 
 
@@ -142,21 +153,44 @@ def test_diagnostics_json_states_the_chosen_sep_statistic_and_its_definition(ray
     features = flat_and_white_features()
     np.save(tmp_path / "features.npy", features)
     out = tmp_path / "out"
-    report, result = diagnose(["--features", str(tmp_path / "features.npy"), "--permutations", "5", "--pairs", "5",
-                               "--sep-statistic", statistic], store, out)
+    report, result = diagnose(
+        [
+            "--features",
+            str(tmp_path / "features.npy"),
+            "--permutations",
+            "5",
+            "--pairs",
+            "5",
+            "--sep-statistic",
+            statistic,
+        ],
+        store,
+        out,
+    )
     layer = report["layers"][0]
     permutation = layer["sep"]["permutation"]
     assert permutation["statistic"] == statistic and permutation["definition"] == SEP_STATISTIC_DEFINITIONS[statistic]
     assert permutation["num_permutations"] == 5 and list(permutation["bandwidth"]) == list(layer["sep"]["bandwidth"])
     stats = permutation["bandwidth"]["0.9"]
-    assert {"mean", "ci_low", "ci_high", "original_mean", "std_over_permutations", "delta_mean", "delta_ci_low",
-            "delta_ci_high"} <= set(stats)
+    assert {
+        "mean",
+        "ci_low",
+        "ci_high",
+        "original_mean",
+        "std_over_permutations",
+        "delta_mean",
+        "delta_ci_low",
+        "delta_ci_high",
+    } <= set(stats)
     # (Not the rotation: a constant-token image's top singular vector is the shared one, where the angle's
     # arccos amplifies round-off past any fixed tolerance.)
     assert_sep_matches(layer, diagnose_layer(torch.from_numpy(features[0]), permutations=5, num_pairs=5), statistic)
     # Natural order: the mean of per-image bandwidths is ~(1/16 + 0.9) / 2, the pooled curve's ~0.8.
-    expected = layer["sep"]["image_bandwidth"]["0.9"]["mean"] if statistic == "per-image" else \
-        layer["sep"]["bandwidth"]["0.9"]["ratio"]
+    expected = (
+        layer["sep"]["image_bandwidth"]["0.9"]["mean"]
+        if statistic == "per-image"
+        else layer["sep"]["bandwidth"]["0.9"]["ratio"]
+    )
     assert stats["original_mean"] == expected
     assert stats["mean"] == pytest.approx(0.48 if statistic == "per-image" else 0.8, abs=0.08)
     with (out / "sep.csv").open() as handle:
@@ -184,11 +218,16 @@ def test_folder_of_per_image_arrays_is_read_in_file_order(ray_cluster, store, tm
 
 @pytest.mark.ray
 def test_random_init_timm_model_on_digits_runs_offline(ray_cluster, store, tmp_path):
-    report, result = diagnose(["--model", "test_vit", "--data", "digits", "--images-per-class", "2",
-                               "--layers", "0,-1", "--pairs", "10"], store, tmp_path / "out")
+    report, result = diagnose(
+        ["--model", "test_vit", "--data", "digits", "--images-per-class", "2", "--layers", "0,-1", "--pairs", "10"],
+        store,
+        tmp_path / "out",
+    )
     assert report["model"] == "test_vit" and report["num_images"] == 20
     assert [(layer["index"], layer["tokens"], layer["channels"]) for layer in report["layers"]] == [
-        (0, 100, 64), (5, 100, 64)]  # 160 px / patch 16 -> 10 x 10 patch tokens, CLS removed
+        (0, 100, 64),
+        (5, 100, 64),
+    ]  # 160 px / patch 16 -> 10 x 10 patch tokens, CLS removed
     svd = report["layers"][-1]["svd_rank"]["0.99"]
     assert 1 <= svd["p99"] <= 64 and svd["q25"] <= svd["median"] <= svd["q75"]
 
@@ -196,8 +235,8 @@ def test_random_init_timm_model_on_digits_runs_offline(ray_cluster, store, tmp_p
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """A tiny plain teacher (width 32) and a Lift student (lifted to 48), one epoch each."""
-    from trainables.config import load_train_config
-    from trainables.engine import fit
+    from encmm.trainables.config import load_train_config
+    from encmm.trainables.engine import fit
 
     paths = {}
     for name, extra in (("plain", []), ("lift", ["student.remedy=lift", "student.target_width=48"])):
@@ -223,40 +262,54 @@ def test_teacher_run_is_diagnosed_from_its_mlflow_checkpoint(ray_cluster, store,
     report, result = diagnose(["--run", run_id, "--data", "digits", "--pairs", "10"], store, tmp_path / "out")
     assert report["model"] == "deit_tiny_patch16_224+none"
     assert [(layer["index"], layer["tokens"], layer["channels"]) for layer in report["layers"]] == [
-        (0, 16, 32), (1, 16, 32)]
+        (0, 16, 32),
+        (1, 16, 32),
+    ]
     diag_run = result.stdout.rsplit("MLflow run ", 1)[1].strip(" )\n")
     assert tracking.get_run(store, diag_run).data.tags["encmm.source_run_id"] == run_id
 
 
 @pytest.mark.ray
 def test_crash_after_start_ends_the_run_failed(ray_cluster, store, tmp_path, monkeypatch):
-    from analysis import plots
+    from encmm.analysis import plots
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(plots, "write_figures", broken)
     np.save(tmp_path / "f.npy", low_rank_features())
-    result = CliRunner().invoke(app, ["diagnose", "--features", str(tmp_path / "f.npy"), "--pairs", "5",
-                                      "--tracking-uri", store, "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "diagnose",
+            "--features",
+            str(tmp_path / "f.npy"),
+            "--pairs",
+            "5",
+            "--tracking-uri",
+            store,
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 1 and "disk full" in result.stderr
     from mlflow.tracking import MlflowClient
 
-    runs = MlflowClient(store).search_runs([tracking.ensure_experiment(store, "encmm")],
-                                           filter_string=f"tags.`encmm.out` = '{tmp_path / 'out'}'")
+    runs = MlflowClient(store).search_runs(
+        [tracking.ensure_experiment(store, "encmm")], filter_string=f"tags.`encmm.out` = '{tmp_path / 'out'}'"
+    )
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "disk full" in runs[0].data.tags["encmm.error"]
 
 
 # ----------------------------------------------------------------------------- feature collection
 def test_lift_and_widelast_last_layers_are_their_distilled_maps():
-    from trainables.config import StudentConfig
-    from trainables.models import build_student
+    from encmm.trainables.config import StudentConfig
+    from encmm.trainables.models import build_student
 
     x = torch.randn(3, 3, 16, 16)
     for remedy, layers in (("none", 3), ("lift", 3), ("widelast", 3)):
-        cfg = StudentConfig(width=32, depth=3, head_dim=16, patch_size=4, remedy=remedy, target_width=48,
-                            wide_blocks=1)
+        cfg = StudentConfig(width=32, depth=3, head_dim=16, patch_size=4, remedy=remedy, target_width=48, wide_blocks=1)
         model = build_student(cfg, num_classes=10, img_size=16).eval()
         collected = feats.collect_features(model, [x[:2], x[2:]])
         assert len(collected) == layers and feats.probe_layers(model, (16, 16))[-1] == tuple(collected[-1].shape[1:])
@@ -269,17 +322,26 @@ def test_lift_and_widelast_last_layers_are_their_distilled_maps():
 def test_cait_gives_its_self_attention_blocks_and_swin_its_stages():
     import timm
 
-    cait = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3,
-                             num_heads=2)
+    cait = timm.create_model(
+        "cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2
+    )
     assert feats.probe_layers(cait, (32, 32)) == [(16, 32)] * 3  # 3 SA blocks; the 2 class-attention blocks excluded
-    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2,
-                             window_size=4, embed_dim=16, depths=(1, 1, 1), num_heads=(1, 2, 4))
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=16,
+        depths=(1, 1, 1),
+        num_heads=(1, 2, 4),
+    )
     layers = feats.collect_features(swin, [torch.randn(2, 3, 32, 32)], layers=[0, 2])
     assert [tuple(f.shape) for f in layers] == [(2, 256, 16), (2, 16, 64)]  # NHWC stages -> [B, H*W, C]
 
 
 def test_digits_selection_takes_the_first_images_of_each_class_at_the_model_size():
-    from trainables.data import load_digits_tensors
+    from encmm.trainables.data import load_digits_tensors
 
     images, labels = load_digits_tensors(8)
     chosen = feats.first_per_class(labels.tolist(), 2)
@@ -335,8 +397,12 @@ BAD = [
     ("missing-features", None, ["--features", "nope.npy"], "no such file"),
     ("missing-checkpoint", None, ["--checkpoint", "nope.pt"], "no such file"),
     ("unknown-model", None, ["--model", "no_such_vit_at_all"], "unknown timm model"),
-    ("model-without-blocks", None, ["--model", "vit_tiny_patch16_224", "--model-arg", "depth=0",
-                                    "--model-arg", "img_size=32"], "no blocks"),
+    (
+        "model-without-blocks",
+        None,
+        ["--model", "vit_tiny_patch16_224", "--model-arg", "depth=0", "--model-arg", "img_size=32"],
+        "no blocks",
+    ),
     ("missing-data-folder", None, ["--model", "test_vit", "--data", "no/such/folder"], "--data"),
     ("empty-image-folder", "empty", ["--model", "test_vit", "--data", "d"], "no class folders"),
     ("two-sources", "good", ["--features", "f.npy", "--checkpoint", "x.pt"], "exactly one"),
@@ -344,8 +410,12 @@ BAD = [
     ("no-source", None, [], "exactly one"),
     ("unknown-run", None, ["--run", "0123abcd"], "no MLflow run"),
     ("negative-pairs", "good", ["--features", "f.npy", "--pairs", "-1"], "--pairs"),
-    ("unknown-sep-statistic", "good", ["--features", "f.npy", "--permutations", "5", "--sep-statistic", "median"],
-     "--sep-statistic: 'median' is not one of per-image, pooled"),
+    (
+        "unknown-sep-statistic",
+        "good",
+        ["--features", "f.npy", "--permutations", "5", "--sep-statistic", "median"],
+        "--sep-statistic: 'median' is not one of per-image, pooled",
+    ),
 ]
 
 
@@ -367,10 +437,15 @@ def test_feature_collection_plots_and_saved_features_import_without_ray_or_mlflo
     import subprocess
     import sys
 
-    code = ('import sys; sys.modules["ray"] = None; sys.modules["mlflow"] = None\n'
-            'import analysis.features, analysis.saved_features, analysis.plots, analysis.spectra; print("ok")')
+    code = (
+        'import sys; sys.modules["ray"] = None; sys.modules["mlflow"] = None\n'
+        'import analysis.features, analysis.saved_features, analysis.plots, analysis.spectra; print("ok")'
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
-    speaking_ray = [p.name for p in Path(feats.__file__).parent.glob("*.py")
-                    if "import ray" in p.read_text() or "from ray" in p.read_text()]
+    speaking_ray = [
+        p.name
+        for p in Path(feats.__file__).parent.glob("*.py")
+        if "import ray" in p.read_text() or "from ray" in p.read_text()
+    ]
     assert speaking_ray == ["ray_tasks.py"]

@@ -1,17 +1,28 @@
 """The training core, in-process: no Ray, no MLflow."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
+from encmm.trainables.config import load_train_config
+from encmm.trainables.engine import fit
 from tests.conftest import TINY_DIGITS
-from trainables.config import load_train_config
-from trainables.engine import fit
 
 
 def tiny_config(*overrides: str):
-    return load_train_config(None, [*TINY_DIGITS, "data.batch_size=32", "schedule.warmup_epochs=0",
-                                    "optim.lr=3e-3", "schedule.min_lr=1e-3", "optim.lr_base_batch=64", *overrides])
+    return load_train_config(
+        None,
+        [
+            *TINY_DIGITS,
+            "data.batch_size=32",
+            "schedule.warmup_epochs=0",
+            "optim.lr=3e-3",
+            "schedule.min_lr=1e-3",
+            "optim.lr_base_batch=64",
+            *overrides,
+        ],
+    )
 
 
 def test_two_epoch_digits_run_raises_val_accuracy():
@@ -51,13 +62,23 @@ def teacher_checkpoint(tmp_path_factory):
     return folder / "best.pt"
 
 
-@pytest.mark.parametrize("remedy,feature_loss,alpha", [("none", "mse", 0.0), ("lift", "fft", 0.9),
-                                                       ("widelast", "mse", 0.9)])
+@pytest.mark.parametrize(
+    "remedy,feature_loss,alpha", [("none", "mse", 0.0), ("lift", "fft", 0.9), ("widelast", "mse", 0.9)]
+)
 def test_student_distils_from_an_encmm_teacher_checkpoint(teacher_checkpoint, remedy, feature_loss, alpha):
     history = []
-    fit(tiny_config("schedule.epochs=1", f"student.remedy={remedy}", f"kd.feature_loss={feature_loss}",
-                    f"kd.alpha={alpha}", "kd.beta=1.0", "teacher.source=checkpoint",
-                    f"teacher.checkpoint={teacher_checkpoint}"), log=lambda m, s: history.append(m))
+    fit(
+        tiny_config(
+            "schedule.epochs=1",
+            f"student.remedy={remedy}",
+            f"kd.feature_loss={feature_loss}",
+            f"kd.alpha={alpha}",
+            "kd.beta=1.0",
+            "teacher.source=checkpoint",
+            f"teacher.checkpoint={teacher_checkpoint}",
+        ),
+        log=lambda m, s: history.append(m),
+    )
     metrics = history[-1]
     assert metrics["train/feat"] > 0
     assert ("train/kl" in metrics) == (alpha > 0)
@@ -67,8 +88,16 @@ def test_student_distils_from_an_encmm_teacher_checkpoint(teacher_checkpoint, re
 
 def test_avgpool_alignment_trains_without_a_projector(teacher_checkpoint):
     history = []
-    fit(tiny_config("schedule.epochs=1", "kd.beta=1.0", "student.projector=avgpool", "teacher.source=checkpoint",
-                    f"teacher.checkpoint={teacher_checkpoint}"), log=lambda m, s: history.append(m))
+    fit(
+        tiny_config(
+            "schedule.epochs=1",
+            "kd.beta=1.0",
+            "student.projector=avgpool",
+            "teacher.source=checkpoint",
+            f"teacher.checkpoint={teacher_checkpoint}",
+        ),
+        log=lambda m, s: history.append(m),
+    )
     assert history[-1]["train/feat"] > 0
 
 

@@ -1,4 +1,5 @@
-"""orchestrator.evidence: per-arm intervals, Welch differences, claim verdicts, Spearman (vs scipy and by hand)."""
+"""encmm.orchestrator.evidence: per-arm intervals, Welch differences, claim verdicts, Spearman (vs scipy, by hand)."""
+
 from __future__ import annotations
 
 import math
@@ -8,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from orchestrator.evidence import (Difference, claim_verdict, estimate, finite, spearman,
-                                   welch_difference)
+from encmm.orchestrator.evidence import Difference, claim_verdict, estimate, finite, spearman, welch_difference
 
 # Student t 97.5% quantile at 2 df in closed form, (2p - 1) * sqrt(2 / (4p(1 - p))) with p = 0.975 (tables: 4.303)
 T_975_DF2 = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025))
 
 samples = st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), min_size=2, max_size=8).filter(
-    lambda xs: max(xs) - min(xs) > 1e-3)
+    lambda xs: max(xs) - min(xs) > 1e-3
+)
 
 
 def test_estimate_of_three_seeds_is_the_student_t_interval_by_hand():
@@ -45,7 +46,7 @@ def test_welch_difference_by_hand():
     # a = 1,2,3: mean 2, s^2/n = 1/3; b = 2,4,7,8: mean 5.25, s^2 = 22.75/3, s^2/n = 1.8958
     d = welch_difference([1, 2, 3], [2, 4, 7, 8])
     se2 = 1 / 3 + 22.75 / 12
-    df = se2 ** 2 / ((1 / 3) ** 2 / 2 + (22.75 / 12) ** 2 / 3)
+    df = se2**2 / ((1 / 3) ** 2 / 2 + (22.75 / 12) ** 2 / 3)
     assert (d.n_a, d.n_b, d.diff) == (3, 4, -3.25)
     assert d.df == pytest.approx(df, rel=1e-12) and d.df == pytest.approx(3.96388, abs=1e-5)
     half = stats.t.ppf(0.975, df) * math.sqrt(se2)
@@ -79,15 +80,18 @@ def test_welch_difference_of_two_constant_arms_has_no_p():
     assert claim_verdict(d, "greater") == "inconclusive at n=2/2 (no spread between seeds)"
 
 
-@pytest.mark.parametrize("a, b, expect, verdict", [
-    ([80, 81, 82], [70, 71, 72], "greater", "supported"),
-    ([80, 81, 82], [70, 71, 72], "less", "contradicted"),
-    ([70, 71, 72], [80, 81, 82], "less", "supported"),
-    ([70, 71, 72], [80, 81, 82], "greater", "contradicted"),
-    ([70, 75, 80], [71, 76, 79], "greater", "inconclusive at n=3/3"),
-    ([80], [70, 71, 72], "greater", "inconclusive (n=1/3)"),
-    ([], [70, 71], "greater", "inconclusive (n=0/2)"),
-])
+@pytest.mark.parametrize(
+    "a, b, expect, verdict",
+    [
+        ([80, 81, 82], [70, 71, 72], "greater", "supported"),
+        ([80, 81, 82], [70, 71, 72], "less", "contradicted"),
+        ([70, 71, 72], [80, 81, 82], "less", "supported"),
+        ([70, 71, 72], [80, 81, 82], "greater", "contradicted"),
+        ([70, 75, 80], [71, 76, 79], "greater", "inconclusive at n=3/3"),
+        ([80], [70, 71, 72], "greater", "inconclusive (n=1/3)"),
+        ([], [70, 71], "greater", "inconclusive (n=0/2)"),
+    ],
+)
 def test_claim_verdict_needs_p_below_005_and_the_expected_sign(a, b, expect, verdict):
     assert claim_verdict(welch_difference(a, b), expect) == verdict
 

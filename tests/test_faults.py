@@ -1,6 +1,7 @@
 """Faults the training core and the tracking layer survive, each caused for real: a diverging loss, a
 truncated checkpoint, a full disk (a file-size limit), a corrupt image file, an MLflow server that goes
 away mid-run, an encmm process killed with SIGKILL. Ray-level faults are in test_ray_train / test_sweep."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,21 +20,26 @@ import numpy as np
 import pytest
 import torch
 
+from encmm.trainables.engine import NonFiniteLossError, fit, load_resume_checkpoint
 from tests.test_engine import tiny_config
-from trainables.engine import NonFiniteLossError, fit, load_resume_checkpoint
 
 
 # ------------------------------------------------------------------ NaN / inf loss
 def test_diverging_loss_stops_the_run_with_the_reason_and_saves_no_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss in epoch 0, detected at step \d+ \(.*loss=(nan|inf)"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss in epoch 0, detected at step \d+ \(.*loss=(nan|inf)"
+    ):
         fit(tiny_config("schedule.epochs=2", "optim.lr=1e30"), checkpoint_dir=tmp_path)
     assert not list(tmp_path.iterdir())  # the diverged weights never reached a checkpoint
 
 
 def test_skip_policy_skips_nonfinite_updates_and_counts_them(tmp_path):
     history = []
-    fit(tiny_config("schedule.epochs=2", "optim.lr=1e30", "optim.on_nonfinite=skip"), checkpoint_dir=tmp_path,
-        log=lambda metrics, step: history.append(metrics))
+    fit(
+        tiny_config("schedule.epochs=2", "optim.lr=1e30", "optim.on_nonfinite=skip"),
+        checkpoint_dir=tmp_path,
+        log=lambda metrics, step: history.append(metrics),
+    )
     assert [m["epoch"] for m in history] == [0, 1]
     assert history[0]["train/skipped_steps"] > 0 and history[1]["train/skipped_steps"] > 0
     weights = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
@@ -42,7 +48,7 @@ def test_skip_policy_skips_nonfinite_updates_and_counts_them(tmp_path):
 
 
 # ------------------------------------------------------------------ checkpoints
-def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     cfg = tiny_config("schedule.epochs=3")
 
     class Crash(Exception):
@@ -59,7 +65,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     resumed = []
     fit(cfg, log=lambda metrics, step: resumed.append(step), checkpoint_dir=tmp_path)
     assert resumed == [1, 2]  # resumed after epoch 0, from last.pt.prev
-    assert f"checkpoint {last} is unreadable" in capsys.readouterr().out
+    assert f"checkpoint {last} is unreadable" in caplog.text  # a warning of the encmm.trainables.engine logger
 
 
 def test_unreadable_checkpoints_only_mean_starting_over(tmp_path):
@@ -71,8 +77,8 @@ def test_unreadable_checkpoints_only_mean_starting_over(tmp_path):
 def test_worker_mode_resume_falls_back_to_rays_previous_committed_checkpoint(tmp_path):
     """Ray Train keeps `num_to_keep=2` committed checkpoints in the run folder: when the one
     `get_checkpoint()` names is corrupt, the resume takes the newest older one."""
-    from trainables.engine import save_checkpoint
-    from trainables.ray_worker import CHECKPOINT_FILE, committed_checkpoints
+    from encmm.trainables.engine import save_checkpoint
+    from encmm.trainables.ray_worker import CHECKPOINT_FILE, committed_checkpoints
 
     folders = [tmp_path / f"checkpoint_2026-11-26_10-00-0{i}.000000" for i in range(3)]
     for epoch, folder in enumerate(folders):
@@ -89,7 +95,7 @@ DISK_FULL_SCRIPT = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
     import torch
-    from trainables.engine import CheckpointWriteError, save_checkpoint
+    from encmm.trainables.engine import CheckpointWriteError, save_checkpoint
 
     path = Path(sys.argv[1])
     save_checkpoint({"epoch": 0, "weights": torch.zeros(1000)}, path, keep_previous=True)
@@ -105,8 +111,13 @@ DISK_FULL_SCRIPT = textwrap.dedent("""
 
 def test_checkpoint_write_on_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "ckpt" / "checkpoint.pt"
-    done = subprocess.run([sys.executable, "-c", DISK_FULL_SCRIPT, str(path)], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", DISK_FULL_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 3, done.stderr[-2000:]
     assert f"cannot write checkpoint {path}" in done.stdout and "the previous checkpoint is intact" in done.stdout
     kept = torch.load(path, weights_only=True)
@@ -132,12 +143,13 @@ def make_image_folder(root: Path, per_class: int = 8) -> Path:
 
 
 def image_folder_config(root: Path, *overrides: str):
-    return tiny_config("data.name=imagefolder", f"data.root={root}", "data.batch_size=4", "schedule.epochs=1",
-                       *overrides)
+    return tiny_config(
+        "data.name=imagefolder", f"data.root={root}", "data.batch_size=4", "schedule.epochs=1", *overrides
+    )
 
 
 def test_corrupt_image_stops_training_with_an_error_naming_the_file(tmp_path):
-    from trainables.data import BadImageError
+    from encmm.trainables.data import BadImageError
 
     bad = make_image_folder(tmp_path / "images")
     with pytest.raises(BadImageError, match=f"cannot decode image {bad}"):
@@ -147,8 +159,10 @@ def test_corrupt_image_stops_training_with_an_error_naming_the_file(tmp_path):
 def test_corrupt_image_is_skipped_and_counted_when_configured(tmp_path):
     make_image_folder(tmp_path / "images")
     history = []
-    fit(image_folder_config(tmp_path / "images", "data.on_bad_image=skip", "schedule.epochs=2"),
-        log=lambda metrics, step: history.append(metrics))
+    fit(
+        image_folder_config(tmp_path / "images", "data.on_bad_image=skip", "schedule.epochs=2"),
+        log=lambda metrics, step: history.append(metrics),
+    )
     # 17 train files, batches of 4 with drop_last: the broken one is read once per epoch.
     assert [m["data/skipped_images"] for m in history] == [1.0, 1.0]
 
@@ -159,15 +173,25 @@ def test_corrupt_image_fails_encmm_train_with_one_line_naming_the_file(ray_clust
     from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
 
-    from orchestrator.cli import app
+    from encmm.orchestrator.cli import app
 
     bad = make_image_folder(tmp_path / "images")
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = ["data.name=imagefolder", f"data.root={tmp_path / 'images'}", "data.img_size=16", "data.batch_size=4",
-            "student.width=32", "student.depth=2", "student.head_dim=16", "student.patch_size=4",
-            "schedule.epochs=1", "schedule.warmup_epochs=0", "resources.max_failures=0",
-            "resources.cpus_per_worker=0.5"]
+    sets = [
+        "data.name=imagefolder",
+        f"data.root={tmp_path / 'images'}",
+        "data.img_size=16",
+        "data.batch_size=4",
+        "student.width=32",
+        "student.depth=2",
+        "student.head_dim=16",
+        "student.patch_size=4",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        "resources.max_failures=0",
+        "resources.cpus_per_worker=0.5",
+    ]
     result = CliRunner().invoke(app, ["train", "--tracking-uri", uri, *[x for s in sets for x in ("--set", s)]])
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("encmm: error:")]
@@ -185,9 +209,26 @@ def free_port() -> int:
 
 def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--default-artifact-root", (store / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--default-artifact-root",
+            (store / "artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
@@ -253,7 +294,7 @@ class NetworkLink:
 def test_metrics_logged_while_the_mlflow_server_is_unreachable_reach_it_when_it_is_back(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import tracking
+    from encmm.orchestrator import tracking
 
     server_port, port = free_port(), free_port()
     server = start_mlflow_server(tmp_path, server_port)
@@ -295,7 +336,7 @@ def test_metrics_logged_while_the_mlflow_server_is_unreachable_reach_it_when_it_
 def test_unreachable_mlflow_server_at_start_is_a_one_line_error_before_any_work(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from orchestrator.cli import app
+    from encmm.orchestrator.cli import app
 
     monkeypatch.chdir(tmp_path)
     uri = f"http://127.0.0.1:{free_port()}"
@@ -311,12 +352,10 @@ def test_unreachable_mlflow_server_at_start_is_a_one_line_error_before_any_work(
 def test_runs_of_a_killed_process_end_failed_not_running(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import tracking
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     script = textwrap.dedent(f"""
         import time
-        from orchestrator import tracking
+        from encmm.orchestrator import tracking
         parent = tracking.start_run({uri!r}, "faults", "sweep", tags={{"encmm.kind": "sweep"}})
         child = tracking.start_run({uri!r}, "faults", "trial", parent_run_id=parent)
         done = tracking.start_run({uri!r}, "faults", "done-trial", parent_run_id=parent)
@@ -325,8 +364,9 @@ def test_runs_of_a_killed_process_end_failed_not_running(tmp_path):
         print(parent, child, done, flush=True)
         time.sleep(600)
     """)
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                               cwd=Path(__file__).resolve().parents[1])
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
     parent, child, done = process.stdout.readline().split()
     client = MlflowClient(uri)
     assert client.get_run(parent).info.status == "RUNNING"

@@ -1,4 +1,5 @@
 """The training core and the spectra math run with Ray and MLflow unavailable."""
+
 import subprocess
 import sys
 
@@ -6,9 +7,9 @@ BLOCKED = """
 import sys
 sys.modules["ray"] = None      # any `import ray...` now raises ImportError
 sys.modules["mlflow"] = None
-import trainables.config, trainables.data, trainables.models, trainables.losses
-import trainables.teacher, trainables.engine, trainables.preflight
-import analysis.spectra
+import encmm.trainables.config, encmm.trainables.data, encmm.trainables.models, encmm.trainables.losses
+import encmm.trainables.teacher, encmm.trainables.engine, encmm.trainables.preflight
+import encmm.analysis.spectra, encmm.analysis.features, encmm.analysis.plots
 print("ok")
 """
 

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from trainables.config import KDConfig, StudentConfig, TeacherConfig
-from trainables.losses import (
+from encmm.trainables.config import KDConfig, StudentConfig, TeacherConfig
+from encmm.trainables.losses import (
     DistillationLoss,
     feature_fft_mse,
     feature_mse,
@@ -26,8 +26,8 @@ from trainables.losses import (
     soft_kl,
     tokens_to_map,
 )
-from trainables.models import build_student
-from trainables.teacher import build_teacher
+from encmm.trainables.models import build_student
+from encmm.trainables.teacher import build_teacher
 
 FEATURE_LOSSES = {"mse": feature_mse, "fft": feature_fft_mse}
 PROPERTY = settings(max_examples=25, deadline=None)
@@ -92,8 +92,13 @@ def test_feature_loss_is_zero_when_student_equals_teacher(shape, seed, name):
 
 
 @PROPERTY
-@given(shape=token_shapes, seed=seeds, name=st.sampled_from(sorted(FEATURE_LOSSES)),
-       delta=st.floats(0.05, 10.0), where=st.integers(0, 10_000))
+@given(
+    shape=token_shapes,
+    seed=seeds,
+    name=st.sampled_from(sorted(FEATURE_LOSSES)),
+    delta=st.floats(0.05, 10.0),
+    where=st.integers(0, 10_000),
+)
 def test_feature_loss_is_positive_when_the_maps_differ(shape, seed, name, delta, where):
     b, side, c = shape
     teacher = randn(b, side * side, c, seed=seed)
@@ -122,8 +127,11 @@ def test_mse_feature_loss_is_the_mean_squared_difference(shape, seed):
 
 
 @PROPERTY
-@given(shape=st.tuples(st.integers(1, 2), st.integers(2, 5), st.integers(1, 4)), seed=seeds,
-       shift=st.tuples(st.integers(0, 4), st.integers(0, 4)))
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(2, 5), st.integers(1, 4)),
+    seed=seeds,
+    shift=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+)
 def test_fft_feature_loss_is_invariant_to_a_common_circular_shift_of_the_grid(shape, seed, shift):
     # Shift theorem: rolling both maps multiplies their spectra's difference by a unit phase.
     b, side, c = shape
@@ -135,7 +143,8 @@ def test_fft_feature_loss_is_invariant_to_a_common_circular_shift_of_the_grid(sh
         return grid.reshape(b, side * side, c)
 
     assert feature_fft_mse(roll(student), roll(teacher)).item() == pytest.approx(
-        feature_fft_mse(student, teacher).item(), rel=1e-4, abs=1e-7)
+        feature_fft_mse(student, teacher).item(), rel=1e-4, abs=1e-7
+    )
 
 
 @PROPERTY
@@ -152,8 +161,13 @@ def test_fft_feature_loss_is_bounded_by_parseval_over_the_half_spectrum(shape, s
 
 # ------------------------------------------------------------------ soft KL
 @PROPERTY
-@given(batch=st.integers(1, 4), classes=st.integers(2, 10), seed=seeds, t=st.floats(0.25, 8.0),
-       offset=st.floats(-50.0, 50.0))
+@given(
+    batch=st.integers(1, 4),
+    classes=st.integers(2, 10),
+    seed=seeds,
+    t=st.floats(0.25, 8.0),
+    offset=st.floats(-50.0, 50.0),
+)
 def test_kl_is_zero_when_logits_are_equal_up_to_a_constant(batch, classes, seed, t, offset):
     teacher = randn(batch, classes, seed=seed, scale=4.0)
     assert soft_kl(teacher.clone(), teacher, t).item() == 0.0
@@ -190,13 +204,21 @@ def reference_ce(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -
 
 
 @pytest.mark.parametrize("feature_loss", ["mse", "fft"])
-@pytest.mark.parametrize("alpha, beta, temperature, smoothing",
-                         [(0.9, 0.2, 1.0, 0.1), (0.0, 0.2, 1.0, 0.1), (0.5, 1.5, 3.0, 0.0), (0.3, 0.0, 2.0, 0.1),
-                          (0.0, 0.0, 1.0, 0.1), (1.0, 0.2, 1.0, 0.1)])
-def test_total_is_one_minus_alpha_ce_plus_beta_feat_plus_alpha_kl(feature_loss, alpha, beta, temperature,
-                                                                    smoothing):
-    cfg = KDConfig(alpha=alpha, beta=beta, temperature=temperature, feature_loss=feature_loss,
-                   label_smoothing=smoothing)
+@pytest.mark.parametrize(
+    "alpha, beta, temperature, smoothing",
+    [
+        (0.9, 0.2, 1.0, 0.1),
+        (0.0, 0.2, 1.0, 0.1),
+        (0.5, 1.5, 3.0, 0.0),
+        (0.3, 0.0, 2.0, 0.1),
+        (0.0, 0.0, 1.0, 0.1),
+        (1.0, 0.2, 1.0, 0.1),
+    ],
+)
+def test_total_is_one_minus_alpha_ce_plus_beta_feat_plus_alpha_kl(feature_loss, alpha, beta, temperature, smoothing):
+    cfg = KDConfig(
+        alpha=alpha, beta=beta, temperature=temperature, feature_loss=feature_loss, label_smoothing=smoothing
+    )
     logits, labels, feat_s, teacher_logits, feat_t = batch()
     out = DistillationLoss(cfg)(logits, labels, feat_s, teacher_logits, feat_t)
 
@@ -207,8 +229,11 @@ def test_total_is_one_minus_alpha_ce_plus_beta_feat_plus_alpha_kl(feature_loss, 
 
     # Each term against an independent float64 reference.
     assert ce.item() == pytest.approx(reference_ce(logits, labels, smoothing), rel=1e-5)
-    ref_feat = reference_fft_mse(feat_s, feat_t) if feature_loss == "fft" else \
-        float(((feat_s.double() - feat_t.double()) ** 2).mean())
+    ref_feat = (
+        reference_fft_mse(feat_s, feat_t)
+        if feature_loss == "fft"
+        else float(((feat_s.double() - feat_t.double()) ** 2).mean())
+    )
     ref_kl = reference_kl(logits, teacher_logits, temperature)
     if beta > 0:
         assert feat.item() == pytest.approx(ref_feat, rel=1e-5)
@@ -219,8 +244,7 @@ def test_total_is_one_minus_alpha_ce_plus_beta_feat_plus_alpha_kl(feature_loss, 
 
 
 @PROPERTY
-@given(seed=seeds, feature_loss=st.sampled_from(["mse", "fft"]), alpha=st.floats(0.0, 1.0),
-       beta=st.floats(0.0, 5.0))
+@given(seed=seeds, feature_loss=st.sampled_from(["mse", "fft"]), alpha=st.floats(0.0, 1.0), beta=st.floats(0.0, 5.0))
 def test_only_cross_entropy_remains_when_student_equals_teacher(seed, feature_loss, alpha, beta):
     logits, labels, feat_s, _, _ = batch(seed)
     cfg = KDConfig(alpha=alpha, beta=beta, feature_loss=feature_loss)
@@ -241,7 +265,8 @@ def test_avgpool_of_teacher_channels_repeating_the_student_map_gives_the_student
     torch.testing.assert_close(pool_teacher_channels(teacher, c), student)
     cfg = KDConfig(beta=1.0)
     out = DistillationLoss(cfg, align="avgpool", student_width=c)(
-        randn(b, 3, seed=seed), torch.zeros(b, dtype=torch.long), student, None, teacher)
+        randn(b, 3, seed=seed), torch.zeros(b, dtype=torch.long), student, None, teacher
+    )
     assert out["feat"].item() == pytest.approx(0.0, abs=1e-10)
 
 
@@ -263,8 +288,9 @@ IMG, PATCH = 32, 16  # 2x2 grid for the student and for the 192-wide vit_tiny te
 def frozen_teacher():
     torch.manual_seed(0)
     cfg = TeacherConfig(source="timm", model="vit_tiny_patch16_224", pretrained=False)
-    return build_teacher(cfg, student_mean=(0.5, 0.5, 0.5), student_std=(0.25, 0.25, 0.25), img_size=IMG,
-                         load_weights=False)
+    return build_teacher(
+        cfg, student_mean=(0.5, 0.5, 0.5), student_std=(0.25, 0.25, 0.25), img_size=IMG, load_weights=False
+    )
 
 
 @pytest.mark.parametrize("feature_loss", ["mse", "fft"])
@@ -278,8 +304,9 @@ def test_gradients_flow_only_into_the_student(frozen_teacher, setup, feature_los
     student = build_student(cfg, num_classes=1000, img_size=IMG, target_width=teacher.feature_width).train()
     projector = nn.Linear(32, teacher.feature_width) if setup == "linear-projector" else None
     align = "avgpool" if setup == "avgpool" else None
-    criterion = DistillationLoss(KDConfig(alpha=0.9, beta=0.2, feature_loss=feature_loss), align=align,
-                                 student_width=student.feature_width)
+    criterion = DistillationLoss(
+        KDConfig(alpha=0.9, beta=0.2, feature_loss=feature_loss), align=align, student_width=student.feature_width
+    )
 
     x = randn(2, 3, IMG, IMG, seed=2)
     teacher_logits, feat_t = teacher(x)

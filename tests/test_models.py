@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.config import StudentConfig
-from trainables.models import (
+from encmm.trainables.config import StudentConfig
+from encmm.trainables.models import (
     LiftStudent,
     PlainStudent,
     WideLastStudent,
@@ -103,21 +103,29 @@ def test_paper_uniformwide_control_matches_widelast_size_within_one_percent():
     assert abs(size - PAPER_WIDELAST) / PAPER_WIDELAST < 0.01
     # It is the closest multiple of the head count: one head-step either way is farther from WideLast.
     for other in (width - heads, width + heads):
-        other_size = vit_parameter_count(width=other, depth=12, mlp_ratio=4.0, tokens=197, patch_size=16,
-                                         num_classes=1000)
+        other_size = vit_parameter_count(
+            width=other, depth=12, mlp_ratio=4.0, tokens=197, patch_size=16, num_classes=1000
+        )
         assert abs(other_size - PAPER_WIDELAST) > abs(size - PAPER_WIDELAST)
     assert 210 <= width <= 230  # paper.md: "width ~219"
 
 
 @pytest.mark.parametrize(
     "width, depth, mlp_ratio, img, patch, classes",
-    [(32, 2, 4.0, 32, 8, 10), (48, 3, 2.5, 16, 4, 7), (64, 2, 4.0, 32, 4, 3), (192, 12, 4.0, 224, 16, 1000)])
+    [(32, 2, 4.0, 32, 8, 10), (48, 3, 2.5, 16, 4, 7), (64, 2, 4.0, 32, 4, 3), (192, 12, 4.0, 224, 16, 1000)],
+)
 def test_vit_parameter_count_closed_form_equals_built_model(width, depth, mlp_ratio, img, patch, classes):
     cfg = StudentConfig(width=width, depth=depth, head_dim=16, patch_size=patch, mlp_ratio=mlp_ratio)
     with torch.device("meta"):
         model = build_student(cfg, num_classes=classes, img_size=img)
-    expected = vit_parameter_count(width=width, depth=depth, mlp_ratio=mlp_ratio, tokens=(img // patch) ** 2 + 1,
-                                   patch_size=patch, num_classes=classes)
+    expected = vit_parameter_count(
+        width=width,
+        depth=depth,
+        mlp_ratio=mlp_ratio,
+        tokens=(img // patch) ** 2 + 1,
+        patch_size=patch,
+        num_classes=classes,
+    )
     assert count_parameters(model) == expected
 
 
@@ -132,8 +140,9 @@ def test_uniformwide_width_matches_widelast_size_at_a_small_geometry():
     goal = count_parameters(tiny_student("widelast"))
     gap = abs(count_parameters(model) - goal)
     for other in (width - cfg.heads, width + cfg.heads):
-        other_size = vit_parameter_count(width=other, depth=DEPTH, mlp_ratio=4.0, tokens=GRID_TOKENS + 1,
-                                         patch_size=PATCH, num_classes=CLASSES)
+        other_size = vit_parameter_count(
+            width=other, depth=DEPTH, mlp_ratio=4.0, tokens=GRID_TOKENS + 1, patch_size=PATCH, num_classes=CLASSES
+        )
         assert abs(other_size - goal) >= gap
 
 
@@ -183,7 +192,7 @@ def test_lift_classifies_by_average_pooling_the_lifted_patch_tokens():
     finally:
         hook.remove()
     assert lifted.shape == (2, GRID_TOKENS, TARGET)
-    patch_tokens = captured["last"][:, model.backbone.num_prefix_tokens:]  # last block, pre-norm, no CLS
+    patch_tokens = captured["last"][:, model.backbone.num_prefix_tokens :]  # last block, pre-norm, no CLS
     torch.testing.assert_close(lifted, model.lift(patch_tokens))
     torch.testing.assert_close(logits, model.head(lifted.mean(1)))
     torch.testing.assert_close(eval_logits, logits)
@@ -238,9 +247,10 @@ def test_plain_student_taps_patch_tokens_of_the_chosen_block(tap):
             hook.remove()
     with torch.no_grad():
         logits, tokens = model.forward_distill(x)
-        timm_taps = model.backbone.forward_intermediates(x, indices=[tap % DEPTH], norm=False, output_fmt="NLC",
-                                                         intermediates_only=True)
-    expected = outputs[tap][:, model.backbone.num_prefix_tokens:]
+        timm_taps = model.backbone.forward_intermediates(
+            x, indices=[tap % DEPTH], norm=False, output_fmt="NLC", intermediates_only=True
+        )
+    expected = outputs[tap][:, model.backbone.num_prefix_tokens :]
     torch.testing.assert_close(tokens, expected)
     torch.testing.assert_close(tokens, timm_taps[0])
     torch.testing.assert_close(logits, reference_logits)

@@ -1,29 +1,40 @@
 """One real Ray Train run (2 CPU workers, DDP over gloo) tracked in a real MLflow store."""
+
 from __future__ import annotations
 
 import pytest
 
+from encmm.trainables.config import load_train_config, with_absolute_paths
 from tests.conftest import TINY_DIGITS
-from trainables.config import load_train_config, with_absolute_paths
 
 pytestmark = pytest.mark.ray
 
 
 def test_worker_killed_mid_epoch_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(
-        ray_cluster, tmp_path, tracking_uri, monkeypatch):
+    ray_cluster, tmp_path, tracking_uri, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.train_command import run_train
+    from encmm.orchestrator.training import run_train
 
     monkeypatch.chdir(tmp_path)
-    overrides = [*TINY_DIGITS, "schedule.epochs=3", "schedule.warmup_epochs=0", "optim.lr=3e-3",
-                 "optim.lr_base_batch=64", "resources.workers=2", "resources.cpus_per_worker=0.5"]
+    overrides = [
+        *TINY_DIGITS,
+        "schedule.epochs=3",
+        "schedule.warmup_epochs=0",
+        "optim.lr=3e-3",
+        "optim.lr_base_batch=64",
+        "resources.workers=2",
+        "resources.cpus_per_worker=0.5",
+    ]
     marker = tmp_path / "killed.pid"
     # Rank 0 is SIGKILLed when it reaches batch 3 of epoch 1 (epoch 0's checkpoint is committed by then).
-    killed = run_train(with_absolute_paths(load_train_config(None, [*overrides, "name=ray-killed"])), tracking_uri,
-                       inject_failure={"epoch": 1, "batch": 3, "marker": str(marker)})
-    straight = run_train(with_absolute_paths(load_train_config(None, [*overrides, "name=ray-straight"])),
-                         tracking_uri)
+    killed = run_train(
+        with_absolute_paths(load_train_config(None, [*overrides, "name=ray-killed"])),
+        tracking_uri,
+        inject_failure={"epoch": 1, "batch": 3, "marker": str(marker)},
+    )
+    straight = run_train(with_absolute_paths(load_train_config(None, [*overrides, "name=ray-straight"])), tracking_uri)
 
     assert marker.exists(), "the fault was never injected"
     client = MlflowClient(tracking_uri)

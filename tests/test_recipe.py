@@ -1,5 +1,6 @@
 """The authors' recipe, pinned: weight-decay exemptions per remedy, both LR schedule modes against the
 formula, uneven channel pooling, Lift's LayerNorm eps (issue 13, `../shared/paper.md`)."""
+
 from __future__ import annotations
 
 import math
@@ -7,10 +8,10 @@ import math
 import pytest
 import torch
 
+from encmm.trainables.config import KDConfig, load_train_config
+from encmm.trainables.engine import fit, setup_training
+from encmm.trainables.losses import DistillationLoss, pool_teacher_channels
 from tests.conftest import TINY_DIGITS
-from trainables.config import KDConfig, load_train_config
-from trainables.engine import fit, setup_training
-from trainables.losses import DistillationLoss, pool_teacher_channels
 
 TEACHER_FREE = [*TINY_DIGITS, "student.target_width=64"]
 
@@ -25,8 +26,9 @@ def decayed_names(remedy: str, *overrides: str) -> tuple[set[str], set[str]]:
     return decay, no_decay
 
 
-@pytest.mark.parametrize("remedy, exempt", [("none", True), ("lift", False), ("widelast", False),
-                                            ("uniformwide", False)])
+@pytest.mark.parametrize(
+    "remedy, exempt", [("none", True), ("lift", False), ("widelast", False), ("uniformwide", False)]
+)
 def test_auto_weight_decay_exempts_pos_embed_and_cls_token_only_for_the_plain_baseline(remedy, exempt):
     decay, no_decay = decayed_names(remedy)
     trunk = "trunk" if remedy == "widelast" else "backbone"
@@ -53,8 +55,16 @@ def authors_lr(t: float, *, base: float, warmup_lr: float, warmup: float, total:
     return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / total))
 
 
-SCHEDULE = ["schedule.epochs=8", "schedule.warmup_epochs=3", "schedule.warmup_lr=1e-6", "schedule.min_lr=1e-5",
-            "optim.lr=1e-3", "optim.lr_base_batch=64", "data.batch_size=64", "student.depth=1"]
+SCHEDULE = [
+    "schedule.epochs=8",
+    "schedule.warmup_epochs=3",
+    "schedule.warmup_lr=1e-6",
+    "schedule.min_lr=1e-5",
+    "optim.lr=1e-3",
+    "optim.lr_base_batch=64",
+    "data.batch_size=64",
+    "student.depth=1",
+]
 
 
 def test_epoch_schedule_follows_the_authors_loop_one_epoch_late():
@@ -74,8 +84,10 @@ def test_epoch_schedule_follows_the_authors_loop_one_epoch_late():
 def test_epoch_and_update_schedules_as_the_training_loop_applies_them():
     history: dict[str, list[dict]] = {}
     for step_on in ("epoch", "update"):
-        cfg = load_train_config(None, [*TINY_DIGITS, *SCHEDULE, "schedule.epochs=4", "schedule.warmup_epochs=2",
-                                       f"schedule.step_on={step_on}"])
+        cfg = load_train_config(
+            None,
+            [*TINY_DIGITS, *SCHEDULE, "schedule.epochs=4", "schedule.warmup_epochs=2", f"schedule.step_on={step_on}"],
+        )
         records: list[dict] = []
         fit(cfg, log=lambda metrics, epoch: records.append(metrics))
         history[step_on] = records
@@ -88,8 +100,9 @@ def test_epoch_and_update_schedules_as_the_training_loop_applies_them():
 
 
 def test_epoch_schedule_resumes_at_the_lr_of_the_next_epoch(tmp_path):
-    cfg = load_train_config(None, [*TINY_DIGITS, *SCHEDULE, "schedule.epochs=4", "schedule.warmup_epochs=2",
-                                   "schedule.step_on=epoch"])
+    cfg = load_train_config(
+        None, [*TINY_DIGITS, *SCHEDULE, "schedule.epochs=4", "schedule.warmup_epochs=2", "schedule.step_on=epoch"]
+    )
     straight = fit(cfg, checkpoint_dir=tmp_path / "straight")
 
     class Stop(Exception):
@@ -131,7 +144,7 @@ def test_uniformwide_is_distilled_through_uneven_pooling_of_the_teacher():
 
 
 def test_lift_projector_layer_norm_uses_the_authors_eps():
-    from trainables.models import build_student
+    from encmm.trainables.models import build_student
 
     cfg = load_train_config(None, [*TEACHER_FREE, "student.remedy=lift"])
     model = build_student(cfg.student, num_classes=10, img_size=16, target_width=64)

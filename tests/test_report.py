@@ -1,5 +1,6 @@
 """`encmm report` and `encmm ui` on one tiny real sweep (local Ray cluster, SQLite MLflow store); the
 report's grouping, claims and FLOP counting on rows and models built here."""
+
 from __future__ import annotations
 
 import csv
@@ -17,13 +18,13 @@ import pytest
 import timm
 import torch
 from scipy import stats
+from test_sweep import TINY_BASE, write_yaml
 from typer.testing import CliRunner
 
-from orchestrator import report_command as rc
-from orchestrator import tracking
-from orchestrator.cli import app
-from test_sweep import TINY_BASE, write_yaml
-from trainables.config import ConfigError
+from encmm.orchestrator import report_command as rc
+from encmm.orchestrator import tracking
+from encmm.orchestrator.cli import app
+from encmm.trainables.config import ConfigError
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOT_COPY = Path("/tmp/encmm-browser-screenshot.png")
@@ -34,27 +35,40 @@ TABLES = {"report.csv", "report.md", "claims.csv", "mismatch_vs_top1.csv"}
 @pytest.fixture(scope="module")
 def tiny_sweep(ray_cluster, tmp_path_factory):
     """Teacher + two students (remedy none / lift), 1 epoch each, built once by the real sweep code."""
-    from orchestrator import sweep_command as sc
+    from encmm.orchestrator import sweep_command as sc
 
     folder = tmp_path_factory.mktemp("report-sweep")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     old_cwd = Path.cwd()
     os.chdir(folder)
     try:
-        write_yaml(folder / "teacher.yaml", {**TINY_BASE, "name": "tiny-teacher",
-                                             "student": {**TINY_BASE["student"], "width": 64}})
-        sweep_file = write_yaml(folder / "sweep.yaml", {
-            "name": "tiny", "teacher_training": "teacher.yaml", "mismatch_images": 40,
-            "base": {**TINY_BASE, "kd": {"beta": 1.0, "alpha": 0.5}},
-            "search": {"grid": {"student.remedy": ["none", "lift"]}}})
+        write_yaml(
+            folder / "teacher.yaml",
+            {**TINY_BASE, "name": "tiny-teacher", "student": {**TINY_BASE["student"], "width": 64}},
+        )
+        sweep_file = write_yaml(
+            folder / "sweep.yaml",
+            {
+                "name": "tiny",
+                "teacher_training": "teacher.yaml",
+                "mismatch_images": 40,
+                "base": {**TINY_BASE, "kd": {"beta": 1.0, "alpha": 0.5}},
+                "search": {"grid": {"student.remedy": ["none", "lift"]}},
+            },
+        )
         setup = sc.prepare_sweep(str(sweep_file), [], uri)
         plan = sc.start_sweep(setup, None)
         rows, _ = sc.run_sweep(plan, resume=False, address=None)
     finally:
         os.chdir(old_cwd)
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED"]
-    return {"uri": uri, "name": plan["name"], "parent": plan["parent_run_id"], "folder": folder,
-            "experiment": plan["experiment"]}
+    return {
+        "uri": uri,
+        "name": plan["name"],
+        "parent": plan["parent_run_id"],
+        "folder": folder,
+        "experiment": plan["experiment"],
+    }
 
 
 def invoke_report(target: str, uri: str, out: Path):
@@ -88,7 +102,8 @@ def test_report_by_name_writes_table_claims_and_plots_and_logs_them_to_the_paren
     # the default claim lift > none, one seed a side: a difference, no test
     claims = read_table(out, "claims.csv")
     assert [(c["claim"], c["a"], c["b"], c["n_a"], c["n_b"], c["p"], c["verdict"]) for c in claims] == [
-        ("lift > none", "lift", "none", "1", "1", "", "inconclusive (n=1/1)")]
+        ("lift > none", "lift", "none", "1", "1", "", "inconclusive (n=1/1)")
+    ]
     diff = float(lift["top1_best_mean"]) - float(plain["top1_best_mean"])
     assert float(claims[0]["diff"]) == pytest.approx(diff, abs=1e-6)
     assert f"| lift > none | lift | none | {diff:+.2f} | - | inconclusive (n=1/1) |" in result.output
@@ -117,7 +132,8 @@ def test_report_of_an_unknown_sweep_exits_2_with_one_line(tmp_path):
     result = invoke_report("no-such-sweep", uri, tmp_path / "out")
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        f"encmm: error: no sweep named 'no-such-sweep' (and no sweep run with that id) in {uri}"]
+        f"encmm: error: no sweep named 'no-such-sweep' (and no sweep run with that id) in {uri}"
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -126,10 +142,14 @@ def test_report_names_failed_and_running_trials_and_reports_the_rest(tiny_sweep,
     uri, parent = tiny_sweep["uri"], tiny_sweep["parent"]
     extra = {}
     for trial, status in (("trial_failed", "FAILED"), ("trial_running", "RUNNING")):
-        run_id = tracking.start_run(uri, tiny_sweep["experiment"], trial, parent_run_id=parent,
-                                    params={"student.remedy": "widelast", "student.width": 32, "kd.alpha": 0.5},
-                                    tags={"encmm.kind": "trial", "encmm.parent_run_id": parent,
-                                          "encmm.trial_id": trial})
+        run_id = tracking.start_run(
+            uri,
+            tiny_sweep["experiment"],
+            trial,
+            parent_run_id=parent,
+            params={"student.remedy": "widelast", "student.width": 32, "kd.alpha": 0.5},
+            tags={"encmm.kind": "trial", "encmm.parent_run_id": parent, "encmm.trial_id": trial},
+        )
         if status == "FAILED":
             tracking.end_run(uri, run_id, "FAILED", error="RuntimeError: boom")
         extra[trial] = run_id
@@ -149,22 +169,43 @@ def test_report_names_failed_and_running_trials_and_reports_the_rest(tiny_sweep,
 # ------------------------------------------------------------------ grouping, claims, FLOPs (no sweep)
 def trial(arm, remedy, top1, *, seed=0, alpha=0.9, width=32, **metrics) -> dict:
     """A finished trial as ``sweep_command.summarize`` returns it (params as MLflow strings)."""
-    return {"trial": f"{arm or remedy}_{alpha}_{width}_{seed}", "status": "FINISHED", "run_id": f"r{seed}{top1}",
-            "arm": arm, "student.remedy": remedy, "student.width": str(width), "kd.alpha": str(alpha),
-            "kd.beta": "0.2", "seed": str(seed), "best/val/acc1": top1, "val/acc1": top1 - 0.5,
-            "params_inference": 5_000_000, **metrics}
+    return {
+        "trial": f"{arm or remedy}_{alpha}_{width}_{seed}",
+        "status": "FINISHED",
+        "run_id": f"r{seed}{top1}",
+        "arm": arm,
+        "student.remedy": remedy,
+        "student.width": str(width),
+        "kd.alpha": str(alpha),
+        "kd.beta": "0.2",
+        "seed": str(seed),
+        "best/val/acc1": top1,
+        "val/acc1": top1 - 0.5,
+        "params_inference": 5_000_000,
+        **metrics,
+    }
 
 
-CLAIMS_ARMS = {"ce": ("none", [60.1, 60.5, 59.8]), "logit_kd": ("none", [70.0, 70.4, 69.7]),
-               "feat_proj": ("none", [69.6, 70.3, 69.9]), "feat_pool": ("none", [69.0, 69.4, 68.9]),
-               "lift": ("lift", [72.0, 72.6, 71.8]), "widelast": ("widelast", [73.1, 73.5, 72.8]),
-               "uniformwide": ("uniformwide", [71.0, 71.3, 70.6]), "feat_equal": ("none", [74.0, 74.2, 73.9])}
+CLAIMS_ARMS = {
+    "ce": ("none", [60.1, 60.5, 59.8]),
+    "logit_kd": ("none", [70.0, 70.4, 69.7]),
+    "feat_proj": ("none", [69.6, 70.3, 69.9]),
+    "feat_pool": ("none", [69.0, 69.4, 68.9]),
+    "lift": ("lift", [72.0, 72.6, 71.8]),
+    "widelast": ("widelast", [73.1, 73.5, 72.8]),
+    "uniformwide": ("uniformwide", [71.0, 71.3, 70.6]),
+    "feat_equal": ("none", [74.0, 74.2, 73.9]),
+}
 
 
 def claims_sweep_rows() -> list[dict]:
-    rows = [trial(arm, remedy, top1, seed=seed, alpha=0.0 if arm == "ce" else 0.9,
-                  width=384 if arm == "feat_equal" else 192)
-            for arm, (remedy, tops) in CLAIMS_ARMS.items() for seed, top1 in enumerate(tops)]
+    rows = [
+        trial(
+            arm, remedy, top1, seed=seed, alpha=0.0 if arm == "ce" else 0.9, width=384 if arm == "feat_equal" else 192
+        )
+        for arm, (remedy, tops) in CLAIMS_ARMS.items()
+        for seed, top1 in enumerate(tops)
+    ]
     rows.append(trial("logit_equal", "none", 75.0, width=384))  # one seed only
     return rows[::-1]  # the order rows arrive in must not matter
 
@@ -193,12 +234,17 @@ def test_a_declared_arm_order_wins_and_unknown_arms_come_last():
 
 
 def test_tagged_claims_get_welch_differences_and_verdicts():
-    tags = {"encmm.claims": json.dumps([
-        {"name": "logit KD beats CE", "a": "logit_kd", "b": "ce", "expect": "greater"},
-        {"name": "uniform width is no remedy", "a": "uniformwide", "b": "widelast", "expect": "greater"},
-        {"name": "projector vs pooling", "a": "feat_proj", "b": "logit_kd", "expect": "less"},
-        {"name": "equal width feature vs logit", "a": "feat_equal", "b": "logit_equal", "expect": "less"},
-        {"name": "lift vs an arm that never ran", "a": "lift", "b": "no_such_arm", "expect": "greater"}])}
+    tags = {
+        "encmm.claims": json.dumps(
+            [
+                {"name": "logit KD beats CE", "a": "logit_kd", "b": "ce", "expect": "greater"},
+                {"name": "uniform width is no remedy", "a": "uniformwide", "b": "widelast", "expect": "greater"},
+                {"name": "projector vs pooling", "a": "feat_proj", "b": "logit_kd", "expect": "less"},
+                {"name": "equal width feature vs logit", "a": "feat_equal", "b": "logit_equal", "expect": "less"},
+                {"name": "lift vs an arm that never ran", "a": "lift", "b": "no_such_arm", "expect": "greater"},
+            ]
+        )
+    }
     claims = rc.evaluate_claims(rc.read_claims(tags, "s"), rc.group_trials(claims_sweep_rows()))
     by_name = {c["claim"]: c for c in claims}
     assert len(claims) == 5
@@ -218,8 +264,14 @@ def test_tagged_claims_get_welch_differences_and_verdicts():
     assert "| equal width feature vs logit | feat_equal | logit_equal | -0.97 | - | inconclusive (n=3/1) |" in text
 
 
-@pytest.mark.parametrize("tag", ["not json", json.dumps([{"name": "x", "a": "lift"}]),
-                                 json.dumps([{"name": "x", "a": "lift", "b": "none", "expect": "bigger"}])])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "not json",
+        json.dumps([{"name": "x", "a": "lift"}]),
+        json.dumps([{"name": "x", "a": "lift", "b": "none", "expect": "bigger"}]),
+    ],
+)
 def test_a_malformed_claims_tag_is_a_config_error_naming_the_tag(tag):
     with pytest.raises(ConfigError, match="tag encmm.claims"):
         rc.read_claims({"encmm.claims": tag}, "s")
@@ -227,9 +279,12 @@ def test_a_malformed_claims_tag_is_a_config_error_naming_the_tag(tag):
 
 
 def test_a_sweep_without_arms_is_labelled_by_remedy_and_alpha_and_claims_are_made_per_alpha():
-    rows = [trial(None, remedy, top1 + seed / 10 + (5 if alpha else 0), seed=seed, alpha=alpha)
-            for remedy, top1 in (("widelast", 73.0), ("lift", 72.0), ("none", 70.0), ("uniformwide", 71.0))
-            for alpha in (0.0, 0.9) for seed in range(3)]
+    rows = [
+        trial(None, remedy, top1 + seed / 10 + (5 if alpha else 0), seed=seed, alpha=alpha)
+        for remedy, top1 in (("widelast", 73.0), ("lift", 72.0), ("none", 70.0), ("uniformwide", 71.0))
+        for alpha in (0.0, 0.9)
+        for seed in range(3)
+    ]
     groups = rc.group_trials(rows)
     assert [g.label for g in groups] == [f"{r} α={a}" for r in rc.REMEDY_ORDER for a in ("0.0", "0.9")]
     claims = rc.evaluate_claims(rc.default_claims(groups), groups)
@@ -239,14 +294,15 @@ def test_a_sweep_without_arms_is_labelled_by_remedy_and_alpha_and_claims_are_mad
         ("widelast > none (α=0.0)", "widelast α=0.0", "none α=0.0", "supported"),
         ("widelast > none (α=0.9)", "widelast α=0.9", "none α=0.9", "supported"),
         ("widelast > uniformwide (α=0.0)", "widelast α=0.0", "uniformwide α=0.0", "supported"),
-        ("widelast > uniformwide (α=0.9)", "widelast α=0.9", "uniformwide α=0.9", "supported")]
-    assert all(c["diff"] == pytest.approx(3.0 if "none" in c["b"] and "widelast" in c["a"] else 2.0)
-               for c in claims)
+        ("widelast > uniformwide (α=0.9)", "widelast α=0.9", "uniformwide α=0.9", "supported"),
+    ]
+    assert all(c["diff"] == pytest.approx(3.0 if "none" in c["b"] and "widelast" in c["a"] else 2.0) for c in claims)
 
 
 def test_a_sweep_without_arms_adds_the_width_only_when_it_varies_and_claims_need_their_remedies():
-    rows = [trial(None, remedy, 70.0 + width / 100, width=width) for remedy in ("widelast", "none")
-            for width in (64, 16)]
+    rows = [
+        trial(None, remedy, 70.0 + width / 100, width=width) for remedy in ("widelast", "none") for width in (64, 16)
+    ]
     groups = rc.group_trials(rows)
     assert [g.label for g in groups] == ["none width 16", "none width 64", "widelast width 16", "widelast width 64"]
     assert [g.legend_without("student.width") for g in groups] == ["none α=0.9"] * 2 + ["widelast α=0.9"] * 2
@@ -267,8 +323,10 @@ def test_every_figure_gets_one_colour_per_remedy_and_alpha_in_its_labels():
 
 
 def test_mismatch_correlations_are_spearman_over_finished_trials(tmp_path):
-    rows = [trial("lift", "lift", top1, seed=i, **{"diag/svd_rank_p99/0.99": rank, "diag/feat_mse": 0.5})
-            for i, (top1, rank) in enumerate([(70.0, 12), (71.0, 15), (72.5, 14), (73.0, 20)])]
+    rows = [
+        trial("lift", "lift", top1, seed=i, **{"diag/svd_rank_p99/0.99": rank, "diag/feat_mse": 0.5})
+        for i, (top1, rank) in enumerate([(70.0, 12), (71.0, 15), (72.5, 14), (73.0, 20)])
+    ]
     rows[1]["diag/feat_mse"] = None
     by_metric = {c["metric"]: c for c in rc.mismatch_correlations(rows)}
     ref = stats.spearmanr([12, 15, 14, 20], [70.0, 71.0, 72.5, 73.0])
@@ -291,8 +349,16 @@ def vit_flops_closed_form(img: int, patch: int, dim: int, depth: int, classes: i
 
 
 def test_gflops_count_attention_matmuls_and_match_the_closed_form():
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                              embed_dim=32, num_heads=2, num_classes=10).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
     for block in model.blocks:
         block.attn.fused_attn = True  # what the report's students run with
     image = torch.randn(1, 3, 32, 32)
@@ -309,8 +375,16 @@ def test_gflops_count_attention_matmuls_and_match_the_closed_form():
 
 
 def test_explicit_attention_restores_each_switch_even_when_the_forward_raises():
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                              embed_dim=32, num_heads=2, num_classes=10)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=10,
+    )
     model.blocks[0].attn.fused_attn, model.blocks[1].attn.fused_attn = True, False
     with pytest.raises(RuntimeError), rc.explicit_attention(model):
         assert not any(block.attn.fused_attn for block in model.blocks)
@@ -326,9 +400,14 @@ def free_port() -> int:
 
 def start_ui(uri: str, sweep: str, port: int) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port), "--sweep", sweep],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "encmm.orchestrator.cli", "ui", "--port", str(port), "--sweep", sweep],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.time() + 150
     while time.time() < deadline:
         line = proc.stdout.readline()
@@ -345,9 +424,18 @@ def chrome(profile: Path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", f"--user-data-dir={profile}", "--window-size=2400,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=2400,1000",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
@@ -356,7 +444,8 @@ def wait_for_text(driver, texts: list[str], timeout: float = 60) -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(driver, timeout, poll_frequency=0.5).until(
-        lambda d: all(t in d.find_element("tag name", "body").text for t in texts))
+        lambda d: all(t in d.find_element("tag name", "body").text for t in texts)
+    )
     return driver.find_element("tag name", "body").text
 
 
@@ -377,8 +466,10 @@ def show_children_and_columns(driver, columns: list[str]) -> None:
 
 @pytest.mark.ray
 @pytest.mark.browser
-@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                    reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)")
+@pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)",
+)
 def test_ui_shows_child_runs_with_params_and_compares_two_of_them(tiny_sweep, tmp_path):
     uri, parent = tiny_sweep["uri"], tiny_sweep["parent"]
     children = tracking.list_child_runs(uri, parent)
@@ -397,8 +488,7 @@ def test_ui_shows_child_runs_with_params_and_compares_two_of_them(tiny_sweep, tm
         driver.save_screenshot(str(tmp_path / "encmm-ui-runs.png"))
         ids = sorted(c.info.run_id for c in children)
         base = url.split("/#/")[0]
-        driver.get(f"{base}/#/compare-runs?runs={str(ids).replace(chr(39), chr(34))}"
-                   f"&experiments=[\"{experiment_id}\"]")
+        driver.get(f'{base}/#/compare-runs?runs={str(ids).replace(chr(39), chr(34))}&experiments=["{experiment_id}"]')
         body = wait_for_text(driver, ["val/acc1"], timeout=90)
         assert "student.remedy" in body and all(n in body for n in names)
         cells = driver.find_elements("xpath", "//*[text()[contains(., 'val/acc1')]]")

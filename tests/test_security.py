@@ -35,8 +35,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator import tracking
-from orchestrator.cli import app
+from encmm.orchestrator import tracking
+from encmm.orchestrator.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 THIS_FILE = Path(__file__).resolve()
@@ -106,7 +106,7 @@ def error_line(result, *expect: str) -> str:
 def _address(hex_address: str):
     raw = bytes.fromhex(hex_address)
     if sys.byteorder == "little":
-        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     return ipaddress.ip_address(raw)
 
 
@@ -216,10 +216,25 @@ def test_encmm_ui_serves_mlflow_on_127_0_0_1_only_by_default_and_ctrl_c_stops_it
     """``encmm ui`` as a user runs it (no ``--host``), in its own process: the server it starts answers
     ``/health`` on 127.0.0.1, and every socket encmm and its server processes listen on is loopback."""
     port = free_port()
-    command = [sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port),  # the `encmm` entry point
-               "--tracking-uri", shared_store]
-    ui = subprocess.Popen(command, cwd=tmp_path, env={**subprocess_env(), "PYTHONUNBUFFERED": "1"},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "encmm.orchestrator.cli",
+        "ui",
+        "--port",
+        str(port),  # the `encmm` entry point
+        "--tracking-uri",
+        shared_store,
+    ]
+    ui = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env={**subprocess_env(), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(ui.stdout), daemon=True)
     reader.start()
@@ -286,8 +301,11 @@ def test_local_ray_cluster_opens_no_port_beyond_loopback(ray_cluster):
     if not any("gcs_server" in cmdline(pid) for pid in ray_pids):
         pytest.skip("this session joined a running cluster: its servers are not this process's to check")
     assert context.address_info["node_ip_address"] == "127.0.0.1"
-    opened = [(pid, process_name(pid), str(a), p)
-              for pid, socks in listeners_of(ray_pids | {os.getpid()}).items() for a, p in socks]
+    opened = [
+        (pid, process_name(pid), str(a), p)
+        for pid, socks in listeners_of(ray_pids | {os.getpid()}).items()
+        for a, p in socks
+    ]
     assert any(name == "gcs_server" for _, name, _, _ in opened), opened
     beyond = [entry for entry in opened if not is_loopback(ipaddress.ip_address(entry[2]))]
     assert beyond == [], f"Ray listens beyond loopback: {beyond}"
@@ -324,7 +342,7 @@ def test_planted_checkpoint_payload_runs_when_loaded_without_weights_only(plante
 
 
 def test_load_checkpoint_file_refuses_the_payload_without_running_it(planted):
-    from trainables.teacher import load_checkpoint_file
+    from encmm.trainables.teacher import load_checkpoint_file
 
     work, marker = planted
     with pytest.raises(Exception) as caught:
@@ -334,7 +352,7 @@ def test_load_checkpoint_file_refuses_the_payload_without_running_it(planted):
 
 
 def test_report_student_loader_refuses_the_payload_without_running_it(planted):
-    from orchestrator.report_command import load_student
+    from encmm.orchestrator.report_command import load_student
 
     work, marker = planted
     with pytest.raises(Exception):
@@ -343,8 +361,8 @@ def test_report_student_loader_refuses_the_payload_without_running_it(planted):
 
 
 def test_timm_teacher_pretrained_file_refuses_the_payload_without_running_it(planted):
-    from trainables.config import TeacherConfig
-    from trainables.teacher import create_timm_teacher
+    from encmm.trainables.config import TeacherConfig
+    from encmm.trainables.teacher import create_timm_teacher
 
     work, marker = planted
     cfg = TeacherConfig(source="timm", model="vit_tiny_patch16_224", pretrained_file=str(work / "evil.pt"))
@@ -353,8 +371,9 @@ def test_timm_teacher_pretrained_file_refuses_the_payload_without_running_it(pla
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("source, file", [("--checkpoint", "evil.pt"), ("--features", "evil.pt"),
-                                          ("--features", "evil.npy")])
+@pytest.mark.parametrize(
+    "source, file", [("--checkpoint", "evil.pt"), ("--features", "evil.pt"), ("--features", "evil.npy")]
+)
 def test_diagnose_refuses_planted_checkpoint_or_features_with_one_error_line(planted, tmp_path, source, file):
     work, marker = planted
     before = tree(tmp_path)
@@ -366,8 +385,7 @@ def test_diagnose_refuses_planted_checkpoint_or_features_with_one_error_line(pla
 
 def test_train_refuses_a_planted_teacher_checkpoint_with_one_error_line(planted, tmp_path):
     work, marker = planted
-    (work / "bad.yaml").write_text(TINY_TRAIN + "teacher: {source: checkpoint, checkpoint: evil.pt}\n"
-                                                "kd: {beta: 0.5}\n")
+    (work / "bad.yaml").write_text(TINY_TRAIN + "teacher: {source: checkpoint, checkpoint: evil.pt}\nkd: {beta: 0.5}\n")
     before = tree(tmp_path)
     result = invoke(work, ["train", "bad.yaml", "--tracking-uri", store_uri(tmp_path / "store")])
     error_line(result, "bad.yaml", "teacher.checkpoint", "evil.pt")
@@ -408,8 +426,9 @@ def yaml_payload(marker: Path) -> str:
     return f"!!python/object/apply:os.system [{json.dumps(f'touch {marker}')}]"
 
 
-@pytest.mark.parametrize("where", ["train-file", "train-set", "sweep-file", "sweep-base-file", "sweep-set-base",
-                                   "sweep-set-sweep"])
+@pytest.mark.parametrize(
+    "where", ["train-file", "train-set", "sweep-file", "sweep-base-file", "sweep-set-base", "sweep-set-sweep"]
+)
 def test_python_yaml_tags_run_nothing_and_exit_2_naming_the_source(tmp_path, where):
     work = tmp_path / "work"
     work.mkdir()
@@ -444,8 +463,18 @@ def test_python_yaml_tags_run_nothing_and_exit_2_naming_the_source(tmp_path, whe
 
 def test_diagnose_model_arg_python_tag_runs_nothing_and_exits_2(tmp_path):
     marker = tmp_path / "PWNED"
-    result = invoke(tmp_path, ["diagnose", "--model", "test_vit", "--model-arg", f"img_size={yaml_payload(marker)}",
-                               "--tracking-uri", store_uri(tmp_path / "store")])
+    result = invoke(
+        tmp_path,
+        [
+            "diagnose",
+            "--model",
+            "test_vit",
+            "--model-arg",
+            f"img_size={yaml_payload(marker)}",
+            "--tracking-uri",
+            store_uri(tmp_path / "store"),
+        ],
+    )
     error_line(result, "--model", "test_vit")
     assert not marker.exists()
 
@@ -516,9 +545,11 @@ def test_product_code_has_no_eval_exec_or_raw_unpickling():
         if path.relative_to(REPO).parts[0] not in ("orchestrator", "trainables", "analysis"):
             continue
         for node, owner, name in calls(path):
-            if (owner is None and name in ("eval", "exec", "__import__")) or \
-                    (owner in ("pickle", "cloudpickle", "dill", "marshal") and name in ("load", "loads")) or \
-                    (owner == "importlib" and name == "import_module"):
+            if (
+                (owner is None and name in ("eval", "exec", "__import__"))
+                or (owner in ("pickle", "cloudpickle", "dill", "marshal") and name in ("load", "loads"))
+                or (owner == "importlib" and name == "import_module")
+            ):
                 bad.append(f"{path.relative_to(REPO)}:{node.lineno} {owner or ''}.{name}")
     assert bad == [], bad
 
@@ -558,8 +589,9 @@ def test_train_config_name_that_is_a_path_is_rejected_with_one_line(tmp_path, na
 
 def test_train_name_override_that_is_a_path_is_rejected_with_one_line(tmp_path):
     (tmp_path / "cfg.yaml").write_text(TINY_TRAIN)
-    result = invoke(tmp_path, ["train", "cfg.yaml", "--set", "name=../x", "--tracking-uri",
-                               store_uri(tmp_path / "store")])
+    result = invoke(
+        tmp_path, ["train", "cfg.yaml", "--set", "name=../x", "--tracking-uri", store_uri(tmp_path / "store")]
+    )
     error_line(result, "cfg.yaml", "name")
 
 
@@ -579,21 +611,25 @@ def test_sweep_name_that_is_a_path_is_rejected_with_one_line(tmp_path, how):
 
 
 def test_shipped_experiment_names_are_valid_plain_names():
-    from orchestrator.sweep_config import load_sweep_config
-    from trainables.config import load_train_config
+    from encmm.orchestrator.sweep_config import load_sweep_config
+    from encmm.trainables.config import load_train_config
 
     files = sorted((REPO / "experiments").glob("*.yaml"))
     assert files
+    trees = {path.name: yaml.safe_load(path.read_text()) or {} for path in files}
+    bases = {tree["base"] for tree in trees.values() if isinstance(tree.get("base"), str)}
+    assert bases  # the shared student configs: checked below through the sweeps that use them
     for path in files:
-        if "search" in (yaml.safe_load(path.read_text()) or {}):
+        if path.name in bases:
+            continue
+        if "search" in trees[path.name]:
             name = load_sweep_config(path)[0].name
         else:
             name = load_train_config(path).name
         assert "/" not in name and not name.startswith("."), (path.name, name)
 
 
-@pytest.mark.parametrize("name, planted_at", [("../../etc", "etc"), ("..", "encmm-runs"),
-                                               ("a/../../../etc", "etc")])
+@pytest.mark.parametrize("name, planted_at", [("../../etc", "etc"), ("..", "encmm-runs"), ("a/../../../etc", "etc")])
 def test_sweep_resume_name_cannot_leave_the_sweeps_folder(tmp_path, name, planted_at):
     """A ``sweep.json`` planted where the path would lead is never read: the name is refused up front."""
     work = tmp_path / "work"
@@ -625,8 +661,11 @@ def test_teacher_run_id_that_is_a_path_reads_no_file_and_exits_2(planted, shared
 def test_experiment_artifact_folder_stays_under_mlartifacts(tmp_path):
     root = tmp_path / "store" / "mlartifacts"
     for name in ("..", ".", "../x", "a/../../b"):
-        location = Path(urllib.request.url2pathname(
-            tracking.artifact_location_for(store_uri(tmp_path / "store"), name).removeprefix("file://")))
+        location = Path(
+            urllib.request.url2pathname(
+                tracking.artifact_location_for(store_uri(tmp_path / "store"), name).removeprefix("file://")
+            )
+        )
         assert root in location.resolve().parents, (name, location)
 
 
@@ -635,8 +674,9 @@ def test_report_default_folder_stays_under_reports_whatever_the_sweep_tag_says(s
     work = tmp_path / "a" / "work"
     work.mkdir(parents=True)
     uri = shared_store
-    run_id = tracking.start_run(uri, "encmm", "planted-sweep",
-                                tags={"encmm.kind": "sweep", "encmm.sweep_name": "../../escape"})
+    run_id = tracking.start_run(
+        uri, "encmm", "planted-sweep", tags={"encmm.kind": "sweep", "encmm.sweep_name": "../../escape"}
+    )
     tracking.end_run(uri, run_id, "FINISHED")
     before = tree(tmp_path)
     result = invoke(work, ["report", run_id, "--tracking-uri", uri])
@@ -652,15 +692,28 @@ def test_report_default_folder_stays_under_reports_whatever_the_sweep_tag_says(s
 
 
 @pytest.mark.ray
-def test_diagnose_default_folder_stays_under_diagnostics_whatever_the_model_name_says(ray_cluster, shared_store,
-                                                                                       tmp_path):
+def test_diagnose_default_folder_stays_under_diagnostics_whatever_the_model_name_says(
+    ray_cluster, shared_store, tmp_path
+):
     work = tmp_path / "a" / "work"
     work.mkdir(parents=True)
     features = np.random.default_rng(0).standard_normal((1, 4, 6, 8)).astype(np.float32)
     np.save(work / "feats.npy", features)
     before = tree(tmp_path)
-    result = invoke(work, ["diagnose", "--features", "feats.npy", "--model", "../../escape",
-                           "--pairs", "2", "--tracking-uri", shared_store])
+    result = invoke(
+        work,
+        [
+            "diagnose",
+            "--features",
+            "feats.npy",
+            "--model",
+            "../../escape",
+            "--pairs",
+            "2",
+            "--tracking-uri",
+            shared_store,
+        ],
+    )
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     created = tree(tmp_path) - before
     root = Path("a", "work", "diagnostics")

@@ -12,9 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from analysis import spectra
-from analysis.spectra import (
+from encmm.analysis import spectra
+from encmm.analysis.spectra import (
     RANK_TOLERANCE,
+    SEP_STATISTICS,
     captured_energy,
     diagnose_layer,
     energy_spectrum,
@@ -25,7 +26,6 @@ from analysis.spectra import (
     rank_stats,
     required_rank,
     rotation_to_shared,
-    SEP_STATISTICS,
     sep_bandwidth,
     sep_curves,
     sep_dims,
@@ -61,9 +61,7 @@ def reference_shared_basis(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def reference_pca_ranks(x: np.ndarray, thresholds=THRESHOLDS) -> np.ndarray:
     _, vectors = reference_shared_basis(x)
-    return np.array(
-        [reference_rank(np.sum((xi.astype(np.float64) @ vectors) ** 2, axis=0), thresholds) for xi in x]
-    )
+    return np.array([reference_rank(np.sum((xi.astype(np.float64) @ vectors) ** 2, axis=0), thresholds) for xi in x])
 
 
 SEP_T = (50, 60, 70, 80, 90)
@@ -84,8 +82,7 @@ def reference_sep_image_curves(x: np.ndarray) -> np.ndarray:
 
 def reference_sep_dims(curve: np.ndarray, thresholds=SEP_T) -> list[int]:
     """First 0-based j with curve[j] >= t (ranks' tolerance, in percent), plus 1."""
-    return [next((j + 1 for j, v in enumerate(curve) if v >= t - 100 * RANK_TOLERANCE), len(curve))
-            for t in thresholds]
+    return [next((j + 1 for j, v in enumerate(curve) if v >= t - 100 * RANK_TOLERANCE), len(curve)) for t in thresholds]
 
 
 def reference_per_image_statistic(x: np.ndarray, num_permutations: int, seed: int, thresholds=SEP_T) -> dict:
@@ -95,11 +92,13 @@ def reference_per_image_statistic(x: np.ndarray, num_permutations: int, seed: in
     generator = torch.Generator().manual_seed(seed)
     orders = [torch.randperm(d, generator=generator).numpy() for _ in range(num_permutations)]
     dims = np.array([reference_sep_dims(c, thresholds) for c in reference_sep_image_curves(x)])
-    permuted_dims = np.array([[reference_sep_dims(c, thresholds) for c in reference_sep_image_curves(x[:, :, order])]
-                              for order in orders])
+    permuted_dims = np.array(
+        [[reference_sep_dims(c, thresholds) for c in reference_sep_image_curves(x[:, :, order])] for order in orders]
+    )
     b, bp = dims / d, permuted_dims / d  # [I, P], [R, I, P]
-    per_permutation = np.array([[np.mean(bp[r, :, c]) for c in range(len(thresholds))]
-                                for r in range(num_permutations)])
+    per_permutation = np.array(
+        [[np.mean(bp[r, :, c]) for c in range(len(thresholds))] for r in range(num_permutations)]
+    )
     mean_over_orders = bp.mean(0)  # [I, P]
     resamples = np.random.default_rng(seed).integers(0, x.shape[0], (1000, x.shape[0]))
     permuted_boot, delta_boot = [], []
@@ -111,8 +110,11 @@ def reference_per_image_statistic(x: np.ndarray, num_permutations: int, seed: in
     for c, t in enumerate(thresholds):
         mean = per_permutation[:, c].mean()
         summary[t] = {
-            "mean": mean, "std_over_permutations": per_permutation[:, c].std(),
-            "original_mean": b[:, c].mean(), "original_std": b[:, c].std(), "delta_mean": mean - b[:, c].mean(),
+            "mean": mean,
+            "std_over_permutations": per_permutation[:, c].std(),
+            "original_mean": b[:, c].mean(),
+            "original_std": b[:, c].std(),
+            "delta_mean": mean - b[:, c].mean(),
             "ci_low": np.percentile([v[c] for v in permuted_boot], 2.5),
             "ci_high": np.percentile([v[c] for v in permuted_boot], 97.5),
             "delta_ci_low": np.percentile([v[c] for v in delta_boot], 2.5),
@@ -199,7 +201,15 @@ def test_union_of_low_rank_subspaces_has_exact_svd_rank_but_large_pca_rank():
         lambda rng: ill_conditioned(rng, 10, 30, 20, 1e12),
         lambda rng: union_of_subspaces(rng, [1, 2, 7, 15], 16, 48).astype(np.float32),
     ],
-    ids=["gaussian-wide", "gaussian-tall", "low-rank-noise", "low-rank-noise-f32", "cond-1e8", "cond-1e12", "union-f32"],
+    ids=[
+        "gaussian-wide",
+        "gaussian-tall",
+        "low-rank-noise",
+        "low-rank-noise-f32",
+        "cond-1e8",
+        "cond-1e12",
+        "union-f32",
+    ],
 )
 def test_svd_rank_matches_numpy_reference_exactly(make):
     x = make(np.random.default_rng(7))
@@ -371,8 +381,14 @@ def test_pairwise_rotation_uses_min_rank_and_is_seeded():
     rng = np.random.default_rng(10)
     basis = orthonormal(rng, 16, 16)
     # Image 1 holds image 0's 2-D subspace plus 3 more directions: at k = min(2, 5) they coincide.
-    x = torch.from_numpy(np.stack([orthonormal(rng, 20, 2) @ np.diag([2.0, 1.0]) @ basis[:, :2].T,
-                                   orthonormal(rng, 20, 5) @ np.diag([5.0, 4.0, 3.0, 2.0, 1.0]) @ basis[:, [0, 1, 5, 6, 7]].T]))
+    x = torch.from_numpy(
+        np.stack(
+            [
+                orthonormal(rng, 20, 2) @ np.diag([2.0, 1.0]) @ basis[:, :2].T,
+                orthonormal(rng, 20, 5) @ np.diag([5.0, 4.0, 3.0, 2.0, 1.0]) @ basis[:, [0, 1, 5, 6, 7]].T,
+            ]
+        )
+    )
     ranks = torch.tensor([2, 5])
     overlap, _ = pairwise_rotation(x, ranks, num_pairs=10, seed=3)
     np.testing.assert_allclose(overlap.numpy(), 1.0, atol=1e-9)
@@ -518,7 +534,7 @@ def test_diagnose_layer_permutation_blocks_equal_the_standalone_functions():
 def test_per_image_sep_of_white_tokens_is_on_the_diagonal_and_permutations_change_nothing():
     x = torch.from_numpy(np.random.default_rng(24).standard_normal((40, 64, 64)))
     original, permuted, summary = sep_permutation_per_image(x, num_permutations=10, seed=5)
-    for c, t in enumerate(SEP_T):
+    for t in SEP_T:
         assert summary[t]["original_mean"] == pytest.approx(t / 100, abs=2 / 64)
         assert summary[t]["mean"] == pytest.approx(t / 100, abs=2 / 64)
         assert summary[t]["delta_ci_low"] <= 0.0 <= summary[t]["delta_ci_high"], (t, summary[t])
@@ -546,7 +562,16 @@ def test_diagnose_layer_round_trips_through_json_with_the_documented_shape():
     x = torch.from_numpy(realistic(np.random.default_rng(15), 12, 16, 24).astype(np.float32))
     result = diagnose_layer(x, permutations=3, num_pairs=20, seed=0)
     assert json.loads(json.dumps(result, allow_nan=False)) == result
-    assert set(result) == {"tokens", "channels", "svd_rank", "pca_rank", "pca_spectrum", "energy_percentiles", "sep", "rotation"}
+    assert set(result) == {
+        "tokens",
+        "channels",
+        "svd_rank",
+        "pca_rank",
+        "pca_spectrum",
+        "energy_percentiles",
+        "sep",
+        "rotation",
+    }
     assert (result["tokens"], result["channels"]) == (16, 24)
     assert list(result["svd_rank"]) == ["0.8", "0.9", "0.95", "0.99"] == list(result["pca_rank"])
     assert set(result["svd_rank"]["0.99"]) == {"p99", "mean", "median", "std", "q25", "q75"}
@@ -558,8 +583,16 @@ def test_diagnose_layer_round_trips_through_json_with_the_documented_shape():
     blocks = result["sep"]["permutation_statistics"]
     assert list(blocks) == list(SEP_STATISTICS) and all(b["num_permutations"] == 3 for b in blocks.values())
     assert set(blocks["per-image"]["bandwidth"]["0.9"]) == {
-        "mean", "ci_low", "ci_high", "original_mean", "original_std", "std_over_permutations", "delta_mean",
-        "delta_ci_low", "delta_ci_high"}
+        "mean",
+        "ci_low",
+        "ci_high",
+        "original_mean",
+        "original_std",
+        "std_over_permutations",
+        "delta_mean",
+        "delta_ci_low",
+        "delta_ci_high",
+    }
     for kind in ("to_shared", "pairwise"):
         assert set(result["rotation"][kind]) == {"0.9", "0.99"}
         assert set(result["rotation"][kind]["0.9"]) == {"overlap_mean", "overlap_median", "angle_mean_deg"}

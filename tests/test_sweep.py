@@ -1,4 +1,5 @@
 """`encmm sweep`: real Tune sweeps on a local Ray cluster, tracked in a real MLflow store."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
+from encmm.orchestrator.cli import app
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TINY_BASE = {
@@ -39,9 +40,18 @@ def test_dry_run_of_every_shipped_sweep_prints_its_plan(name, tmp_path, monkeypa
     for split in ("train", "val"):  # the ImageNet sweep is pointed at a stand-in ImageFolder
         (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
         (tmp_path / "imagenet" / split / "n01440764" / "tench.JPEG").write_bytes(b"")
-    result = CliRunner().invoke(app, ["sweep", str(EXPERIMENTS / name), "--dry-run",
-                                      "--set", f"data.root={tmp_path / 'imagenet'}",
-                                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            str(EXPERIMENTS / name),
+            "--dry-run",
+            "--set",
+            f"data.root={tmp_path / 'imagenet'}",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "trials" in result.output and "trial(s) at once" in result.output
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "encmm-runs").exists()
@@ -52,38 +62,62 @@ def test_paper_sweep_plans_six_trials_of_four_gpus(tmp_path, monkeypatch):
     for split in ("train", "val"):
         (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
         (tmp_path / "imagenet" / split / "n01440764" / "tench.JPEG").write_bytes(b"")
-    result = CliRunner().invoke(app, ["sweep", str(EXPERIMENTS / "imagenet-cait-s24-deit-tiny.yaml"), "--dry-run",
-                                      "--set", f"data.root={tmp_path / 'imagenet'}"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            str(EXPERIMENTS / "imagenet-cait-s24-deit-tiny.yaml"),
+            "--dry-run",
+            "--set",
+            f"data.root={tmp_path / 'imagenet'}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "6 trials" in result.output and "4 Train worker(s), 40.01 CPU, 4 GPU" in result.output
 
 
 def test_every_shipped_train_config_is_valid():
-    from trainables.config import load_train_config
-    from trainables.preflight import check_train_config
+    from encmm.trainables.config import load_train_config
+    from encmm.trainables.preflight import check_train_config
 
-    for path in EXPERIMENTS.glob("*.yaml"):
-        if not is_sweep_file(path):
-            check_train_config(load_train_config(path), str(path))
+    sweeps = [path for path in EXPERIMENTS.glob("*.yaml") if is_sweep_file(path)]
+    bases = {b for path in sweeps if isinstance(b := yaml.safe_load(path.read_text()).get("base"), str)}
+    trainable = [path for path in EXPERIMENTS.glob("*.yaml") if path not in sweeps and path.name not in bases]
+    assert trainable  # digits-teacher.yaml at least
+    for path in trainable:
+        check_train_config(load_train_config(path), str(path))
 
 
 @pytest.mark.ray
 def test_two_trial_sweep_survives_a_killed_trial_and_a_diverging_one_and_reuses_its_teacher(
-        ray_cluster, tmp_path, monkeypatch, tracking_uri):
+    ray_cluster, tmp_path, monkeypatch, tracking_uri
+):
     """Trial lr=0.003 has its process SIGKILLed mid-epoch 1: Tune retries it and it resumes from its epoch-0
     checkpoint. Trial lr=1e30 diverges to a NaN loss: its run ends FAILED with the reason, the sweep goes on."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import sweep_command as sc
+    from encmm.orchestrator import sweep_command as sc
 
     monkeypatch.chdir(tmp_path)
-    write_yaml(tmp_path / "teacher.yaml", {**TINY_BASE, "name": "tiny-teacher",
-                                           "student": {**TINY_BASE["student"], "width": 64}})
-    sweep_file = write_yaml(tmp_path / "sweep.yaml", {
-        "name": "tiny", "teacher_training": "teacher.yaml", "mismatch_images": 40,
-        "base": {**TINY_BASE, "schedule": {"epochs": 2, "warmup_epochs": 0},
-                 "student": {**TINY_BASE["student"], "remedy": "lift"}, "kd": {"beta": 1.0, "alpha": 0.5}},
-        "search": {"grid": {"optim.lr": [0.003, 1.0e30]}}})
+    write_yaml(
+        tmp_path / "teacher.yaml",
+        {**TINY_BASE, "name": "tiny-teacher", "student": {**TINY_BASE["student"], "width": 64}},
+    )
+    sweep_file = write_yaml(
+        tmp_path / "sweep.yaml",
+        {
+            "name": "tiny",
+            "teacher_training": "teacher.yaml",
+            "mismatch_images": 40,
+            "base": {
+                **TINY_BASE,
+                "schedule": {"epochs": 2, "warmup_epochs": 0},
+                "student": {**TINY_BASE["student"], "remedy": "lift"},
+                "kd": {"beta": 1.0, "alpha": 0.5},
+            },
+            "search": {"grid": {"optim.lr": [0.003, 1.0e30]}},
+        },
+    )
     setup = sc.prepare_sweep(str(sweep_file), [], tracking_uri)
     plan = sc.start_sweep(setup, None)
     marker = tmp_path / "killed.pid"
@@ -97,16 +131,24 @@ def test_two_trial_sweep_survives_a_killed_trial_and_a_diverging_one_and_reuses_
     assert {"summary.csv", "summary.md", "sweep.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "teacher/svd_rank_p99/0.99" in parent.data.metrics
     assert parent.data.metrics["trials/finished"] == 1 and parent.data.metrics["trials/failed"] == 1
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     assert len(children) == 2 and len(rows) == 2  # one run per trial, the retried one included
     by_lr = {float(c.data.params["optim.lr"]): c for c in children}
     good, diverged = by_lr[0.003], by_lr[1e30]
     assert good.info.status == "FINISHED"
     assert good.data.params["kd.alpha"] == "0.5" and good.data.params["student.width"] == "32"
     assert sorted(m.step for m in client.get_metric_history(good.info.run_id, "val/acc1")) == [0, 1]
-    for key in ("val/acc1", "final/val/acc1", "diag/svd_rank_p99/0.99", "diag/pca_rank_p99/0.99",
-                "diag/sep_ratio_90", "diag/feat_mse", "params_inference"):
+    for key in (
+        "val/acc1",
+        "final/val/acc1",
+        "diag/svd_rank_p99/0.99",
+        "diag/pca_rank_p99/0.99",
+        "diag/sep_ratio_90",
+        "diag/feat_mse",
+        "params_inference",
+    ):
         assert key in good.data.metrics, key
     assert [a.path for a in client.list_artifacts(good.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
     assert diverged.info.status == "FAILED"
@@ -123,14 +165,25 @@ def test_sweep_driver_killed_mid_sweep_resumes_without_rerunning_or_duplicating_
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep_file = write_yaml(tmp_path / "sweep.yaml", {
-        "name": "resumable", "max_concurrent_trials": 1,
-        "base": {**TINY_BASE, "student": {**TINY_BASE["student"], "target_width": 48}},
-        "search": {"grid": {"student.remedy": ["none", "lift", "widelast"]}}})
+    sweep_file = write_yaml(
+        tmp_path / "sweep.yaml",
+        {
+            "name": "resumable",
+            "max_concurrent_trials": 1,
+            "base": {**TINY_BASE, "student": {**TINY_BASE["student"], "target_width": 48}},
+            "search": {"grid": {"student.remedy": ["none", "lift", "widelast"]}},
+        },
+    )
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "MLFLOW_TRACKING_URI": uri}
-    encmm = [sys.executable, "-m", "orchestrator.cli"]
-    proc = subprocess.Popen([*encmm, "sweep", str(sweep_file)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    encmm = [sys.executable, "-m", "encmm.orchestrator.cli"]
+    proc = subprocess.Popen(
+        [*encmm, "sweep", str(sweep_file)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     client = MlflowClient(uri)
     first_finished = None
     deadline = time.time() + 420
@@ -154,8 +207,14 @@ def test_sweep_driver_killed_mid_sweep_resumes_without_rerunning_or_duplicating_
     assert not client.search_runs([experiment_id], "attributes.status = 'RUNNING'"), "a run was left RUNNING"
     assert client.get_run(parent_id).info.status == "FAILED"
 
-    resumed = subprocess.run([*encmm, "sweep", str(sweep_file), "--resume", name], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [*encmm, "sweep", str(sweep_file), "--resume", name],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     trial_ids = [c.data.tags["encmm.trial_id"] for c in children]

@@ -1,4 +1,5 @@
 """A frozen CaiT teacher with fused talking-heads attention computes timm's function (CPU, fp32)."""
+
 from __future__ import annotations
 
 import copy
@@ -8,10 +9,10 @@ import timm
 import torch
 from timm.models.cait import TalkingHeadAttn
 
+from encmm.trainables.config import load_train_config
+from encmm.trainables.engine import setup_training
+from encmm.trainables.teacher import FrozenTeacher, FusedTalkingHeadAttn, fuse_talking_heads
 from tests.conftest import TINY_DIGITS
-from trainables.config import load_train_config
-from trainables.engine import setup_training
-from trainables.teacher import FrozenTeacher, FusedTalkingHeadAttn, fuse_talking_heads
 
 
 def full_scale_mixing(module: torch.nn.Module, seed: int) -> None:
@@ -40,8 +41,9 @@ def test_fused_block_computes_timms_talking_heads_attention(dim, heads, tokens):
 
 def tiny_cait() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3,
-                              num_heads=4, num_classes=7).eval()
+    model = timm.create_model(
+        "cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=7
+    ).eval()
     full_scale_mixing(model, seed=2)
     return model
 
@@ -72,9 +74,18 @@ def test_models_without_talking_heads_are_left_alone():
 
 
 def cait_teacher_config(fused_attention: str):
-    return load_train_config(None, [
-        *TINY_DIGITS, "teacher.source=timm", "teacher.model=cait_xxs24_224", "teacher.pretrained=false",
-        f"teacher.fused_attention={fused_attention}", "kd.alpha=0.5", "kd.beta=0"])
+    return load_train_config(
+        None,
+        [
+            *TINY_DIGITS,
+            "teacher.source=timm",
+            "teacher.model=cait_xxs24_224",
+            "teacher.pretrained=false",
+            f"teacher.fused_attention={fused_attention}",
+            "kd.alpha=0.5",
+            "kd.beta=0",
+        ],
+    )
 
 
 @pytest.mark.parametrize("setting,fused", [("on", True), ("auto", False), ("off", False)])  # auto: on CUDA only

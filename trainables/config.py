@@ -5,6 +5,7 @@ error and not a silently ignored key. A run config is YAML -> dict -> dotted
 overrides (``--set kd.alpha=0.9``) -> :class:`TrainConfig`. Across process
 boundaries (Ray workers) pass ``model_dump(mode="json")`` and validate again.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,11 +51,13 @@ class DataConfig(_Strict):
     synthetic_samples: int = Field(256, gt=0)
     synthetic_classes: int = Field(4, gt=1)
     on_bad_image: Literal["error", "skip"] = Field(
-        "error", description="imagefolder: an image file that cannot be decoded stops the run with an error "
-                             "naming it, or is skipped (replaced by the next image) and counted in data/skipped_images")
+        "error",
+        description="imagefolder: an image file that cannot be decoded stops the run with an error "
+        "naming it, or is skipped (replaced by the next image) and counted in data/skipped_images",
+    )
 
     @model_validator(mode="after")
-    def _needs_root(self) -> "DataConfig":
+    def _needs_root(self) -> DataConfig:
         if self.name == "imagefolder" and not self.root:
             raise ValueError("data.root is required for data.name=imagefolder")
         if self.name == "timm" and not self.dataset:
@@ -76,17 +79,19 @@ class StudentConfig(_Strict):
     drop_path: float = Field(0.0, ge=0, lt=1)
     remedy: Remedy = "none"
     target_width: int | None = Field(
-        None, gt=0, description="width Lift/WideLast expand to; default: the teacher's feature width")
+        None, gt=0, description="width Lift/WideLast expand to; default: the teacher's feature width"
+    )
     wide_blocks: int = Field(1, gt=0, description="widelast: how many last blocks are wide")
     projector: Literal["linear", "avgpool"] = Field(
-        "linear", description="remedy none, widths differ: student-side Linear or teacher-channel average pooling")
+        "linear", description="remedy none, widths differ: student-side Linear or teacher-channel average pooling"
+    )
 
     @property
     def heads(self) -> int:
         return self.num_heads if self.num_heads is not None else self.width // self.head_dim
 
     @model_validator(mode="after")
-    def _check_geometry(self) -> "StudentConfig":
+    def _check_geometry(self) -> StudentConfig:
         if self.num_heads is None and self.width % self.head_dim:
             raise ValueError(f"student.width {self.width} is not divisible by student.head_dim {self.head_dim}")
         if self.width % self.heads:
@@ -106,11 +111,13 @@ class TeacherConfig(_Strict):
     img_size: int | None = Field(None, gt=0, description="override the timm teacher's input size")
     block: int = Field(-1, description="teacher block whose patch tokens are distilled (-1 = last)")
     fused_attention: Switch = Field(
-        "auto", description="CaiT teachers: run talking-heads attention as one fused scaled-dot-product attention "
-                            "(same weights, same function; BENCHMARKS.md section 5); auto = on CUDA")
+        "auto",
+        description="CaiT teachers: run talking-heads attention as one fused scaled-dot-product attention "
+        "(same weights, same function; BENCHMARKS.md section 5); auto = on CUDA",
+    )
 
     @model_validator(mode="after")
-    def _check_source(self) -> "TeacherConfig":
+    def _check_source(self) -> TeacherConfig:
         needed = {"timm": "model", "checkpoint": "checkpoint", "run": "run_id"}.get(self.source)
         if needed and not getattr(self, needed):
             raise ValueError(f"teacher.{needed} is required for teacher.source={self.source}")
@@ -139,13 +146,17 @@ class OptimConfig(_Strict):
     clip_grad: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1, description="timm ModelEmaV3 (None = off)")
     no_weight_decay: Literal["auto", "timm", "none"] = Field(
-        "auto", description="which tensors of >= 2 dims skip weight decay (1-D ones, biases and norms, always do): "
-                            "timm = the backbone's own no_weight_decay() set (pos_embed, cls_token), none = every "
-                            "one decays; auto = what the authors' released code ran: timm for remedy none (a bare "
-                            "timm model), none for lift / widelast / uniformwide (their wrapper modules hide the set)")
+        "auto",
+        description="which tensors of >= 2 dims skip weight decay (1-D ones, biases and norms, always do): "
+        "timm = the backbone's own no_weight_decay() set (pos_embed, cls_token), none = every "
+        "one decays; auto = what the authors' released code ran: timm for remedy none (a bare "
+        "timm model), none for lift / widelast / uniformwide (their wrapper modules hide the set)",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
-        "stop", description="a NaN/inf loss: stop the run (it ends FAILED with the reason), or skip that step's "
-                            "update and count it in train/skipped_steps (one host sync per step)")
+        "stop",
+        description="a NaN/inf loss: stop the run (it ends FAILED with the reason), or skip that step's "
+        "update and count it in train/skipped_steps (one host sync per step)",
+    )
 
 
 class ScheduleConfig(_Strict):
@@ -154,9 +165,11 @@ class ScheduleConfig(_Strict):
     warmup_lr: float = Field(1e-6, ge=0)
     min_lr: float = Field(1e-5, ge=0)
     step_on: Literal["update", "epoch"] = Field(
-        "update", description="update: warm-up and cosine advance every optimizer step (timm step_update); "
-                              "epoch: the authors' DeiT loop, timm's scheduler stepped once after each epoch, so "
-                              "epoch e trains at the formula's value for e - 1 (epochs 0 and 1 at warmup_lr)")
+        "update",
+        description="update: warm-up and cosine advance every optimizer step (timm step_update); "
+        "epoch: the authors' DeiT loop, timm's scheduler stepped once after each epoch, so "
+        "epoch e trains at the formula's value for e - 1 (epochs 0 and 1 at warmup_lr)",
+    )
 
 
 class ResourcesConfig(_Strict):
@@ -167,11 +180,13 @@ class ResourcesConfig(_Strict):
     compile: Switch = "auto"
     max_failures: int = Field(3, ge=0, description="worker failures tolerated (resume from last checkpoint)")
     local_mode: Switch = Field(
-        "auto", description="Ray Train local mode: the single worker runs inside the calling process (the Tune "
-                            "trial driver, or `encmm train` itself) instead of a worker actor, with no Train "
-                            "controller start-up; auto = on for 1 worker without GPUs in a sweep (Tune retries a "
-                            "failed trial from its last checkpoint); `encmm train` keeps a worker actor on auto, "
-                            "so a killed worker is restarted by Ray Train")
+        "auto",
+        description="Ray Train local mode: the single worker runs inside the calling process (the Tune "
+        "trial driver, or `encmm train` itself) instead of a worker actor, with no Train "
+        "controller start-up; auto = on for 1 worker without GPUs in a sweep (Tune retries a "
+        "failed trial from its last checkpoint); `encmm train` keeps a worker actor on auto, "
+        "so a killed worker is restarted by Ray Train",
+    )
 
     @property
     def use_gpu(self) -> bool:
@@ -184,7 +199,7 @@ class ResourcesConfig(_Strict):
         return self.local_mode == "on"
 
     @model_validator(mode="after")
-    def _check_local_mode(self) -> "ResourcesConfig":
+    def _check_local_mode(self) -> ResourcesConfig:
         if self.local_mode == "on" and self.workers != 1:
             raise ValueError(f"resources.local_mode=on runs one worker in-process; resources.workers is {self.workers}")
         return self
@@ -209,11 +224,14 @@ class TrainConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _check_cross_fields(self) -> "TrainConfig":
+    def _check_cross_fields(self) -> TrainConfig:
         if self.kd.uses_teacher and self.teacher.source == "none":
             raise ValueError("kd.alpha/kd.beta > 0 need a teacher (teacher.source is none)")
-        if self.student.remedy in ("lift", "widelast", "uniformwide") and self.teacher.source == "none" \
-                and self.student.target_width is None:
+        if (
+            self.student.remedy in ("lift", "widelast", "uniformwide")
+            and self.teacher.source == "none"
+            and self.student.target_width is None
+        ):
             raise ValueError(f"student.target_width is required for remedy {self.student.remedy} without a teacher")
         if self.student.remedy in ("lift", "widelast") and self.kd.student_block not in (-1, self.student.depth - 1):
             raise ValueError(f"kd.student_block must be the last block for remedy {self.student.remedy}")
@@ -223,6 +241,7 @@ class TrainConfig(_Strict):
 
 
 # ---------------------------------------------------------------- loading
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"kd.alpha=0.9"`` -> (["kd", "alpha"], 0.9); the value is parsed as YAML."""
@@ -265,13 +284,34 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    """First pydantic error as ``source: field.path: message`` on one line."""
+def _known_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the (nested) model that holds ``loc``'s last part, or [] where it is no model."""
+    node: Any = model_cls
+    for part in loc[:-1]:
+        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            return []
+        node = field.annotation
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def format_validation_error(source: str, exc: ValidationError, model_cls: type[BaseModel] | None = None) -> str:
+    """First pydantic error as ``source: field.path: message`` on one line; an unknown key gets the
+    closest known one (``did you mean max_concurrent_trials?``)."""
+    import difflib
+
     err = exc.errors()[0]
     loc = ".".join(str(part) for part in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
-    extra = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "value_error", "missing") \
-        and not isinstance(err.get("input"), dict) else ""
+    if err["type"] == "extra_forbidden" and model_cls is not None and err["loc"]:
+        close = difflib.get_close_matches(str(err["loc"][-1]), _known_fields(model_cls, err["loc"]), n=1)
+        if close:
+            msg = f"{msg} (did you mean {close[0]}?)"
+    extra = (
+        f" (got {err['input']!r})"
+        if err["type"] not in ("extra_forbidden", "value_error", "missing") and not isinstance(err.get("input"), dict)
+        else ""
+    )
     field = f"{loc}: " if loc else ""
     count = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
     return f"{source}: {field}{msg}{extra}{count}".replace("\n", " ")
@@ -281,7 +321,7 @@ def validate_model(model_cls: type[BaseModel], raw: dict, source: str):
     try:
         return model_cls.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(source, exc)) from None
+        raise ConfigError(format_validation_error(source, exc, model_cls)) from None
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -4,8 +4,10 @@ Digits is scikit-learn's 8x8 digits (1,797 real images, 10 classes), which ships
 installed scikit-learn package: no download. Images are upsampled once to ``img_size`` and
 repeated to 3 channels so any timm model takes them.
 """
+
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from trainables.config import DataConfig
+from encmm.trainables.config import DataConfig
 
 if TYPE_CHECKING:
     import PIL.Image
+
+log = logging.getLogger(__name__)
 
 DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
@@ -53,7 +57,7 @@ class TensorImageDataset(Dataset):
             s = self.shift
             padded = F.pad(image, (s, s, s, s), value=self.fill)
             dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
-            image = padded[:, dy:dy + image.shape[1], dx:dx + image.shape[2]]
+            image = padded[:, dy : dy + image.shape[1], dx : dx + image.shape[2]]
         return image, self.labels[index]
 
 
@@ -95,8 +99,13 @@ def build_synthetic(cfg: DataConfig) -> DataBundle:
     labels = torch.arange(m) % k
     images = prototypes[labels] + 0.5 * torch.randn(m, 3, s, s, generator=g)
     train_idx, val_idx = _stratified_split(labels.numpy(), cfg.val_fraction, cfg.split_seed)
-    return DataBundle(TensorImageDataset(images[train_idx], labels[train_idx]),
-                      TensorImageDataset(images[val_idx], labels[val_idx]), k, (0.0,) * 3, (1.0,) * 3)
+    return DataBundle(
+        TensorImageDataset(images[train_idx], labels[train_idx]),
+        TensorImageDataset(images[val_idx], labels[val_idx]),
+        k,
+        (0.0,) * 3,
+        (1.0,) * 3,
+    )
 
 
 def posterize_keeping_zero_bits(image: PIL.Image.Image, bits_to_keep: int, **_) -> PIL.Image.Image:
@@ -156,12 +165,20 @@ def build_deit_transforms(cfg: DataConfig, mean, std):
     from timm.data import create_transform
 
     train_tf = create_transform(
-        cfg.img_size, is_training=True, auto_augment=cfg.auto_augment if cfg.augment == "deit" else None,
+        cfg.img_size,
+        is_training=True,
+        auto_augment=cfg.auto_augment if cfg.augment == "deit" else None,
         color_jitter=cfg.color_jitter if cfg.augment == "deit" else None,
-        re_prob=cfg.random_erasing if cfg.augment == "deit" else 0.0, re_mode="pixel", re_count=1,
-        interpolation="bicubic", mean=mean, std=std)
-    eval_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic",
-                               crop_pct=cfg.crop_pct, mean=mean, std=std)
+        re_prob=cfg.random_erasing if cfg.augment == "deit" else 0.0,
+        re_mode="pixel",
+        re_count=1,
+        interpolation="bicubic",
+        mean=mean,
+        std=std,
+    )
+    eval_tf = create_transform(
+        cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=cfg.crop_pct, mean=mean, std=std
+    )
     return fix_zero_bit_posterize(train_tf), eval_tf
 
 
@@ -194,9 +211,10 @@ def _checked_image_dataset():
                     return image.convert("RGB"), target
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 if self.on_bad_image == "error":
-                    raise BadImageError(f"cannot decode image {path}: {exc}; set data.on_bad_image=skip to "
-                                        f"skip and count such files") from None
-                print(f"encmm: warning: skipped image {path}: {exc}", flush=True)
+                    raise BadImageError(
+                        f"cannot decode image {path}: {exc}; set data.on_bad_image=skip to skip and count such files"
+                    ) from None
+                log.warning("encmm: warning: skipped image %s: %s", path, exc)
                 with self._skipped.get_lock():
                     self._skipped.value += 1
                 return None
@@ -230,10 +248,17 @@ def build_timm_dataset(cfg: DataConfig) -> DataBundle:
         val = checked(str(Path(cfg.root) / "val"), on_bad_image=cfg.on_bad_image, transform=eval_tf)
         return DataBundle(train, val, count_classes(train), mean, std)
     root = cfg.root or str(Path.cwd() / "data")
-    train = create_dataset(cfg.dataset, root=root, split="train", is_training=True, download=cfg.download,
-                           transform=train_tf)
-    val = create_dataset(cfg.dataset, root=root, split="validation" if cfg.dataset.startswith("hfds") else "val",
-                         is_training=False, download=cfg.download, transform=eval_tf)
+    train = create_dataset(
+        cfg.dataset, root=root, split="train", is_training=True, download=cfg.download, transform=train_tf
+    )
+    val = create_dataset(
+        cfg.dataset,
+        root=root,
+        split="validation" if cfg.dataset.startswith("hfds") else "val",
+        is_training=False,
+        download=cfg.download,
+        transform=eval_tf,
+    )
     return DataBundle(train, val, count_classes(train), mean, std)
 
 
@@ -259,8 +284,9 @@ def build_datasets(cfg: DataConfig) -> DataBundle:
     return build_timm_dataset(cfg)
 
 
-def build_loaders(cfg: DataConfig, bundle: DataBundle, *, seed: int, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+def build_loaders(
+    cfg: DataConfig, bundle: DataBundle, *, seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+) -> tuple[DataLoader, DataLoader]:
     """Train loader reshuffles per epoch from (seed, epoch) only, so a resumed run sees the same order.
 
     Call ``train_loader.sampler.set_epoch(epoch)`` before each epoch.
@@ -270,14 +296,13 @@ def build_loaders(cfg: DataConfig, bundle: DataBundle, *, seed: int, rank: int =
 
         train_sampler = RepeatAugSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True)
     else:
-        train_sampler = DistributedSampler(bundle.train, num_replicas=world_size, rank=rank, shuffle=True,
-                                           seed=seed, drop_last=True)
+        train_sampler = DistributedSampler(
+            bundle.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
     # Strided shards without padding: every val image is counted exactly once across ranks.
     val_sampler = range(rank, len(bundle.val), world_size)
     workers = cfg.num_workers
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
     train = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True, **common)
-    val = DataLoader(bundle.val, batch_size=cfg.eval_batch_size or cfg.batch_size, sampler=val_sampler,
-                     **common)
+    val = DataLoader(bundle.val, batch_size=cfg.eval_batch_size or cfg.batch_size, sampler=val_sampler, **common)
     return train, val
-

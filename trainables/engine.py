@@ -6,23 +6,27 @@ metrics and full checkpoint to callbacks. :func:`fit` is the in-process driver (
 boxes); ``trainables.ray_worker`` is the Ray Train one. Distributed runs are plain
 ``torch.distributed``: rank and world size are read from the initialised process group.
 """
+
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainables.config import TrainConfig
-from trainables.data import build_datasets, build_loaders
-from trainables.losses import DistillationLoss
-from trainables.models import build_student, count_parameters, timm_no_weight_decay
-from trainables.teacher import FrozenTeacher, build_teacher, fuse_talking_heads
+from encmm.trainables.config import TrainConfig
+from encmm.trainables.data import DataBundle, build_datasets, build_loaders
+from encmm.trainables.losses import DistillationLoss
+from encmm.trainables.models import build_student, count_parameters, timm_no_weight_decay
+from encmm.trainables.teacher import FrozenTeacher, build_teacher, fuse_talking_heads
+
+log = logging.getLogger(__name__)
 
 LogFn = Callable[[dict, int], None]
 
@@ -33,8 +37,12 @@ class Distiller(nn.Module):
     The projector is a loss-side module (FitNets): it is trained but never part of inference.
     """
 
-    def __init__(self, student: nn.Module, projector: nn.Module | None = None,
-                 no_weight_decay: set[str] | frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        student: nn.Module,
+        projector: nn.Module | None = None,
+        no_weight_decay: set[str] | frozenset[str] = frozenset(),
+    ):
         super().__init__()
         self.student = student
         self.projector = projector
@@ -121,46 +129,81 @@ def decay_exempt_names(cfg: TrainConfig, student: nn.Module) -> set[str]:
     return {f"student.{name}" for name in timm_no_weight_decay(student)} if policy == "timm" else set()
 
 
-def setup_training(cfg: TrainConfig, *, device: torch.device, teacher_checkpoint: str | None = None,
-                   wrap_model: Callable[[nn.Module], nn.Module] | None = None) -> TrainingState:
+def setup_training(
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    teacher_checkpoint: str | None = None,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    data: DataBundle | None = None,
+) -> TrainingState:
     """Build data, teacher, student (+projector), loss, AdamW, cosine schedule and EMA for ``cfg``.
 
     ``wrap_model`` wraps the trainable module for distributed training (e.g. DDP); the teacher is
     never wrapped. ``teacher_checkpoint`` is the local file of a ``teacher.source=run`` teacher.
+    ``data`` is your own dataset pair (images ``[3, S, S]`` normalised with its ``mean``/``std``, S =
+    ``cfg.data.img_size``; ``num_classes`` sizes the student's head) used instead of
+    ``build_datasets(cfg.data)``; ``cfg.data`` still sets the batch sizes and loader workers.
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     rank, world_size = distributed_context()
     seed_everything(cfg.seed)
-    data = build_datasets(cfg.data)
-    train_loader, val_loader = build_loaders(cfg.data, data, seed=cfg.seed, rank=rank, world_size=world_size,
-                                             pin_memory=device.type == "cuda")
+    data = data if data is not None else build_datasets(cfg.data)
+    train_loader, val_loader = build_loaders(
+        cfg.data, data, seed=cfg.seed, rank=rank, world_size=world_size, pin_memory=device.type == "cuda"
+    )
     teacher = None
     if cfg.kd.uses_teacher:
-        teacher = build_teacher(cfg.teacher, student_mean=data.mean, student_std=data.std,
-                                checkpoint_path=teacher_checkpoint, img_size=cfg.data.img_size).to(device)
+        teacher = build_teacher(
+            cfg.teacher,
+            student_mean=data.mean,
+            student_std=data.std,
+            checkpoint_path=teacher_checkpoint,
+            img_size=cfg.data.img_size,
+        ).to(device)
         if switched_on(cfg.teacher.fused_attention, device):
             fuse_talking_heads(teacher.model)  # CaiT: its head mixing took ~44% of a compiled KD step on an H100
     target_width = resolve_target_width(cfg, teacher)
     torch.manual_seed(cfg.seed)  # same init on every rank and on resume, whatever was built before
-    student = build_student(cfg.student, num_classes=data.num_classes, img_size=cfg.data.img_size,
-                            target_width=target_width, tap_block=cfg.kd.student_block)
+    student = build_student(
+        cfg.student,
+        num_classes=data.num_classes,
+        img_size=cfg.data.img_size,
+        target_width=target_width,
+        tap_block=cfg.kd.student_block,
+    )
     projector = build_projector(cfg, student, teacher)
     core = Distiller(student, projector, decay_exempt_names(cfg, student)).to(device)
-    align = "avgpool" if (teacher is not None and cfg.kd.beta > 0 and projector is None
-                          and student.feature_width != teacher.feature_width) else None
+    align = (
+        "avgpool"
+        if (
+            teacher is not None
+            and cfg.kd.beta > 0
+            and projector is None
+            and student.feature_width != teacher.feature_width
+        )
+        else None
+    )
     criterion = DistillationLoss(cfg.kd, align=align, student_width=student.feature_width)
 
     global_batch = cfg.data.batch_size * world_size
     lr = cfg.optim.lr * global_batch / cfg.optim.lr_base_batch
     fused = device.type == "cuda"
-    optimizer = create_optimizer_v2(core, opt="adamw", lr=lr, weight_decay=cfg.optim.weight_decay,
-                                    **({"fused": True} if fused else {}))
+    optimizer = create_optimizer_v2(
+        core, opt="adamw", lr=lr, weight_decay=cfg.optim.weight_decay, **({"fused": True} if fused else {})
+    )
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
-        warmup_lr=cfg.schedule.warmup_lr, min_lr=cfg.schedule.min_lr,
-        step_on_epochs=cfg.schedule.step_on == "epoch", updates_per_epoch=len(train_loader))
+        optimizer,
+        sched="cosine",
+        num_epochs=cfg.schedule.epochs,
+        warmup_epochs=cfg.schedule.warmup_epochs,
+        warmup_lr=cfg.schedule.warmup_lr,
+        min_lr=cfg.schedule.min_lr,
+        step_on_epochs=cfg.schedule.step_on == "epoch",
+        updates_per_epoch=len(train_loader),
+    )
     ema = None
     if cfg.optim.ema_decay:
         from timm.utils import ModelEmaV3
@@ -174,14 +217,32 @@ def setup_training(cfg: TrainConfig, *, device: torch.device, teacher_checkpoint
         if teacher is not None:
             teacher.compile()  # in place (same module, same state dict): its forward is most of a KD step
     spec = {
-        "student": cfg.student.model_dump(mode="json"), "num_classes": data.num_classes,
-        "img_size": cfg.data.img_size, "target_width": target_width, "tap_block": cfg.kd.student_block,
-        "mean": list(data.mean), "std": list(data.std),
+        "student": cfg.student.model_dump(mode="json"),
+        "num_classes": data.num_classes,
+        "img_size": cfg.data.img_size,
+        "target_width": target_width,
+        "tap_block": cfg.kd.student_block,
+        "mean": list(data.mean),
+        "std": list(data.std),
         "params_inference": count_parameters(student),
     }
-    return TrainingState(cfg, device, distiller, core, teacher, criterion, optimizer, scheduler, ema,
-                         train_loader, val_loader, torch.bfloat16 if use_bf16 else None, spec,
-                         rank=rank, world_size=world_size)
+    return TrainingState(
+        cfg,
+        device,
+        distiller,
+        core,
+        teacher,
+        criterion,
+        optimizer,
+        scheduler,
+        ema,
+        train_loader,
+        val_loader,
+        torch.bfloat16 if use_bf16 else None,
+        spec,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def switched_on(setting: str, device: torch.device) -> bool:
@@ -259,13 +320,15 @@ def train_one_epoch(state: TrainingState, epoch: int) -> dict[str, float]:
         seen += len(labels)
         if not skip_nonfinite:
             nonfinite += bad
-            if (step % NONFINITE_CHECK_EVERY == 0 or step == last_step) \
-                    and _all_reduce_sum(nonfinite.clone(), state).item() > 0:
+            if (step % NONFINITE_CHECK_EVERY == 0 or step == last_step) and _all_reduce_sum(
+                nonfinite.clone(), state
+            ).item() > 0:
                 raise NonFiniteLossError(_nonfinite_message(epoch, step, losses))
     elapsed = time.perf_counter() - start
     names = sorted(sums)
-    totals = _all_reduce_sum(torch.stack([sums[n] for n in names] + [torch.tensor(float(seen), device=state.device)]),
-                             state).tolist()
+    totals = _all_reduce_sum(
+        torch.stack([sums[n] for n in names] + [torch.tensor(float(seen), device=state.device)]), state
+    ).tolist()
     count = max(totals[-1], 1.0)
     metrics = {f"train/{n}": v / count for n, v in zip(names, totals)}
     metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]
@@ -291,25 +354,37 @@ def evaluate(model: nn.Module, state: TrainingState, prefix: str = "val") -> dic
             logits = model(images).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct = top.eq(labels[:, None])
-        totals += torch.stack([
-            nn.functional.cross_entropy(logits, labels, reduction="sum"),
-            correct[:, :1].sum().float(), correct.any(dim=1).sum().float(),
-            torch.tensor(float(len(labels)), device=state.device)])
+        totals += torch.stack(
+            [
+                nn.functional.cross_entropy(logits, labels, reduction="sum"),
+                correct[:, :1].sum().float(),
+                correct.any(dim=1).sum().float(),
+                torch.tensor(float(len(labels)), device=state.device),
+            ]
+        )
     loss, top1, top5, count = _all_reduce_sum(totals, state).tolist()
     count = max(count, 1.0)
-    return {f"{prefix}/loss": loss / count, f"{prefix}/acc1": 100.0 * top1 / count,
-            f"{prefix}/acc5": 100.0 * top5 / count}
+    return {
+        f"{prefix}/loss": loss / count,
+        f"{prefix}/acc1": 100.0 * top1 / count,
+        f"{prefix}/acc5": 100.0 * top5 / count,
+    }
 
 
 def checkpoint_state(state: TrainingState, epoch: int, metrics: dict) -> dict:
     """Everything needed to resume exactly after ``epoch``; loadable with ``weights_only=True``."""
     return {
-        "epoch": epoch, "num_updates": state.num_updates, "best": dict(state.best),
+        "epoch": epoch,
+        "num_updates": state.num_updates,
+        "best": dict(state.best),
         "model": state.core.student.state_dict(),
         "projector": state.core.projector.state_dict() if state.core.projector is not None else None,
-        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
         "ema": state.ema.state_dict() if state.ema is not None else None,
-        "rng": torch.get_rng_state(), "spec": state.spec, "metrics": dict(metrics),
+        "rng": torch.get_rng_state(),
+        "spec": state.spec,
+        "metrics": dict(metrics),
         "config": state.cfg.model_dump(mode="json"),
     }
 
@@ -356,10 +431,14 @@ def save_checkpoint(ckpt: dict, path: Path, *, keep_previous: bool = False) -> N
         cause = _os_error_in_chain(exc)
         if cause is None:
             raise
-        kept = "the previous checkpoint is intact" if path.exists() or previous_checkpoint(path).exists() else \
-            "no earlier checkpoint existed"
-        raise CheckpointWriteError(cause.errno, f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}") \
-            from None
+        kept = (
+            "the previous checkpoint is intact"
+            if path.exists() or previous_checkpoint(path).exists()
+            else "no earlier checkpoint existed"
+        )
+        raise CheckpointWriteError(
+            cause.errno, f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -390,16 +469,19 @@ def load_resume_checkpoint(candidates: list[Path]) -> tuple[dict, Path] | None:
                 raise ValueError("not an encmm training checkpoint")
             return ckpt, path
         except Exception as exc:  # noqa: BLE001 - any unreadable file: fall back to the next one
-            print(f"encmm: warning: checkpoint {path} is unreadable ({exc.__class__.__name__}: "
-                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); trying an earlier one", flush=True)
+            log.warning(
+                f"encmm: warning: checkpoint {path} is unreadable ({exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); trying an earlier one"
+            )
     return None
 
 
 EpochEnd = Callable[[int, dict, bool, TrainingState], None]
 
 
-def run_epochs(state: TrainingState, start_epoch: int, *, log: LogFn | None = None,
-               on_epoch_end: EpochEnd | None = None) -> dict:
+def run_epochs(
+    state: TrainingState, start_epoch: int, *, log: LogFn | None = None, on_epoch_end: EpochEnd | None = None
+) -> dict:
     """Train from ``start_epoch`` to the configured end; returns the last epoch's metrics + best."""
     metrics: dict = {}
     for epoch in range(start_epoch, state.cfg.schedule.epochs):
@@ -421,11 +503,25 @@ def run_epochs(state: TrainingState, start_epoch: int, *, log: LogFn | None = No
     return {**metrics, "best/epoch": state.best["epoch"]}
 
 
-def fit(cfg: TrainConfig, *, log: LogFn | None = None, checkpoint_dir: str | Path | None = None,
-        device: torch.device | None = None, teacher_checkpoint: str | None = None) -> dict:
-    """Train in this process (no Ray, no MLflow). Resumes from ``checkpoint_dir/last.pt`` if present."""
-    state = setup_training(cfg, device=device or resolve_device(cfg.resources.gpus_per_worker),
-                           teacher_checkpoint=teacher_checkpoint)
+def fit(
+    cfg: TrainConfig,
+    *,
+    log: LogFn | None = None,
+    checkpoint_dir: str | Path | None = None,
+    device: torch.device | None = None,
+    teacher_checkpoint: str | None = None,
+    data: DataBundle | None = None,
+) -> dict:
+    """Train in this process (no Ray, no MLflow). Resumes from ``checkpoint_dir/last.pt`` if present.
+
+    ``data``: your own :class:`~encmm.trainables.data.DataBundle` instead of the one ``cfg.data`` names
+    (see :func:`setup_training`)."""
+    state = setup_training(
+        cfg,
+        device=device or resolve_device(cfg.resources.gpus_per_worker),
+        teacher_checkpoint=teacher_checkpoint,
+        data=data,
+    )
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start = 0
     if folder is not None and (found := load_resume_checkpoint([folder / "last.pt"])):

@@ -6,16 +6,17 @@ CE_ls is cross-entropy with label smoothing; KL is averaged over the batch. L_fe
 maps ``[B, N, C]`` (N = H*W): ``mse`` is the plain mean squared error, ``fft`` the MSE between
 ``rfft2`` over (H, W) with ``norm="ortho"``, real and imaginary parts stacked.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.loss import LabelSmoothingCrossEntropy
+from torch import nn
 
-from trainables.config import KDConfig
+from encmm.trainables.config import KDConfig
 
 
 def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
@@ -64,8 +65,7 @@ class DistillationLoss(nn.Module):
     def __init__(self, cfg: KDConfig, align: str | None = None, student_width: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.ce = LabelSmoothingCrossEntropy(cfg.label_smoothing) if cfg.label_smoothing > 0 \
-            else nn.CrossEntropyLoss()
+        self.ce = LabelSmoothingCrossEntropy(cfg.label_smoothing) if cfg.label_smoothing > 0 else nn.CrossEntropyLoss()
         self.feature_fn = feature_fft_mse if cfg.feature_loss == "fft" else feature_mse
         self.align, self.student_width = align, student_width
 

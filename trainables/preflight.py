@@ -2,6 +2,7 @@
 
 Models are built on the ``meta`` device, so checking an ImageNet-sized geometry allocates nothing.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,15 @@ from pathlib import Path
 import timm
 import torch
 
-from trainables.config import ConfigError, TrainConfig
-from trainables.models import build_student
-from trainables.teacher import (create_timm_teacher, load_checkpoint_file, model_from_checkpoint, patch_grid,
-                                teacher_feature_width)
+from encmm.trainables.config import ConfigError, TrainConfig
+from encmm.trainables.models import build_student
+from encmm.trainables.teacher import (
+    create_timm_teacher,
+    load_checkpoint_file,
+    model_from_checkpoint,
+    patch_grid,
+    teacher_feature_width,
+)
 
 
 def _fail(source: str, field: str, message: str) -> None:
@@ -32,11 +38,15 @@ def check_data(cfg: TrainConfig, source: str) -> None:
             if not classes:
                 _fail(source, "data.root", f"{root / split} holds no class folders")
             if not any(_holds_an_image(folder) for folder in classes):
-                _fail(source, "data.root", f"{root / split}: no image files in its {len(classes)} class folders "
-                                           f"(empty dataset)")
+                _fail(
+                    source,
+                    "data.root",
+                    f"{root / split}: no image files in its {len(classes)} class folders (empty dataset)",
+                )
     if data.img_size % cfg.student.patch_size:
-        _fail(source, "data.img_size", f"{data.img_size} is not divisible by student.patch_size "
-                                       f"{cfg.student.patch_size}")
+        _fail(
+            source, "data.img_size", f"{data.img_size} is not divisible by student.patch_size {cfg.student.patch_size}"
+        )
 
 
 def _holds_an_image(folder: Path) -> bool:
@@ -58,8 +68,11 @@ def describe_teacher(cfg: TrainConfig, source: str, checkpoint_path: str | None)
     """(token grid, feature width) of the configured teacher, without loading weights."""
     teacher = cfg.teacher
     if teacher.img_size and teacher.img_size != cfg.data.img_size:
-        _fail(source, "teacher.img_size", f"{teacher.img_size} != data.img_size {cfg.data.img_size} "
-                                          f"(the teacher sees the student's batch)")
+        _fail(
+            source,
+            "teacher.img_size",
+            f"{teacher.img_size} != data.img_size {cfg.data.img_size} (the teacher sees the student's batch)",
+        )
     if teacher.source == "timm":
         check_timm_name(teacher.model, source, "teacher.model")
         if teacher.pretrained_file and not Path(teacher.pretrained_file).is_file():
@@ -87,12 +100,18 @@ def describe_teacher(cfg: TrainConfig, source: str, checkpoint_path: str | None)
 def describe_model(cfg: TrainConfig, num_classes: int = 10, target_width: int | None = None):
     """The student ``cfg`` builds, on the meta device (no memory, no weights)."""
     with torch.device("meta"):
-        return build_student(cfg.student, num_classes=num_classes, img_size=cfg.data.img_size,
-                             target_width=cfg.student.target_width or target_width, tap_block=cfg.kd.student_block)
+        return build_student(
+            cfg.student,
+            num_classes=num_classes,
+            img_size=cfg.data.img_size,
+            target_width=cfg.student.target_width or target_width,
+            tap_block=cfg.kd.student_block,
+        )
 
 
-def check_train_config(cfg: TrainConfig, source: str, *, teacher_checkpoint: str | None = None,
-                       teacher_config: TrainConfig | None = None) -> dict:
+def check_train_config(
+    cfg: TrainConfig, source: str, *, teacher_checkpoint: str | None = None, teacher_config: TrainConfig | None = None
+) -> dict:
     """Raise :class:`ConfigError` (one line) for anything that would fail later; returns a small plan.
 
     ``teacher_config`` stands in for a teacher that is not trained yet (a sweep trains it first).
@@ -116,9 +135,17 @@ def check_train_config(cfg: TrainConfig, source: str, *, teacher_checkpoint: str
     grid_s = patch_grid(student)
     if cfg.kd.beta > 0:
         if grid_t != grid_s:
-            _fail(source, "teacher", f"teacher token grid {grid_t} cannot be matched to the student's {grid_s} "
-                                     f"(same img_size / patch_size ratio needed)")
+            _fail(
+                source,
+                "teacher",
+                f"teacher token grid {grid_t} cannot be matched to the student's {grid_s} "
+                f"(same img_size / patch_size ratio needed)",
+            )
         if student.feature_width > width_t and cfg.student.projector == "avgpool":
-            _fail(source, "student.projector", f"avgpool pools the teacher's {width_t} channels down; the "
-                                               f"student's are wider ({student.feature_width}): use linear")
+            _fail(
+                source,
+                "student.projector",
+                f"avgpool pools the teacher's {width_t} channels down; the "
+                f"student's are wider ({student.feature_width}): use linear",
+            )
     return {"teacher_width": width_t, "student_grid": grid_s, "teacher_grid": grid_t}

@@ -15,22 +15,42 @@ RunConfig callbacks, and does not restart a failed worker, so the loop commits e
 to ``<storage>/<name>/checkpoint.pt`` itself (a retried Tune trial resumes from it) and hands each
 epoch's metrics to ``report_fn`` (``ray.tune.report`` in a sweep, where ``TuneReportCallback`` would
 otherwise forward them).
+
+MLflow conventions, from rank 0 (the process that trains) when ``log`` is encmm's ``RunLogger``: around the
+epochs ``log.track_training`` names the run's datasets and samples system metrics; after the last epoch
+``log.log_trained_model`` logs ``best.pt``'s network as an MLflow model. A plain ``log`` callable gets
+metrics only.
 """
+
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
 
-from trainables.config import TrainConfig
-from trainables.engine import NonFiniteLossError, TrainingState, checkpoint_state, load_resume_checkpoint, \
-    resolve_device, restore_state, run_epochs, save_checkpoint, setup_training
+from encmm.trainables.config import TrainConfig
+from encmm.trainables.engine import (
+    NonFiniteLossError,
+    TrainingState,
+    checkpoint_state,
+    load_resume_checkpoint,
+    resolve_device,
+    restore_state,
+    run_epochs,
+    save_checkpoint,
+    setup_training,
+)
+
+console = logging.getLogger(__name__)  # the worker's own lines (Ray's log files; the console with --verbose)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HEALTH_CHECK_INTERVAL_S = 0.5  # Ray Train default 2.0; a missed poll only counts after 10 min
@@ -77,13 +97,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
     # there): a local loop is rank 0 and reports through ``report_fn`` when it has one.
     rank = 0 if local else ray.train.get_context().get_world_rank()
     if local:  # one process, no DDP: the engine's own device choice (Ray sets CUDA_VISIBLE_DEVICES if any)
-        state = setup_training(cfg, device=resolve_device(cfg.resources.gpus_per_worker),
-                               teacher_checkpoint=config.get("teacher_checkpoint"))
+        state = setup_training(
+            cfg,
+            device=resolve_device(cfg.resources.gpus_per_worker),
+            teacher_checkpoint=config.get("teacher_checkpoint"),
+        )
         found = load_resume_checkpoint([run_dir / CHECKPOINT_FILE])
     else:
         device = ray.train.torch.get_device()
-        state = setup_training(cfg, device=device, teacher_checkpoint=config.get("teacher_checkpoint"),
-                               wrap_model=lambda module: ray.train.torch.prepare_model(module, move_to_device=device))
+        state = setup_training(
+            cfg,
+            device=device,
+            teacher_checkpoint=config.get("teacher_checkpoint"),
+            wrap_model=lambda module: ray.train.torch.prepare_model(module, move_to_device=device),
+        )
         found = None
         if (latest := ray.train.get_checkpoint()) is not None:
             with latest.as_directory() as folder:  # a download when the storage is remote
@@ -92,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
     if found:
         start_epoch = restore_state(state, found[0])
         if rank == 0:
-            print(f"encmm: resuming {cfg.name} at epoch {start_epoch} from {found[1]}", flush=True)
+            console.warning(f"encmm: resuming {cfg.name} at epoch {start_epoch} from {found[1]}")
     fault = config.get("inject_failure")
     if fault and rank == fault.get("rank", 0):
         state.train_loader = FaultInjectingLoader(state.train_loader, fault)
@@ -124,18 +151,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
         # resumes after this epoch, so at most the epoch in flight is repeated.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
+    tracked = rank == 0 and hasattr(log, "track_training")  # encmm's RunLogger, not a plain callable
     try:
-        return run_epochs(state, start_epoch, log=log, on_epoch_end=report_local if local else report)
+        with log.track_training(cfg.data.model_dump(mode="json")) if tracked else contextlib.nullcontext():
+            final = run_epochs(state, start_epoch, log=log, on_epoch_end=report_local if local else report)
     except NonFiniteLossError as exc:
         # Every rank detects it at the same step. Retrying would diverge again from the same checkpoint:
         # end the loop normally and let the driver fail the run with this reason.
         return {NONFINITE_KEY: str(exc)}
+    if tracked and (run_dir / BEST_FILE).is_file():
+        log.log_trained_model(run_dir / BEST_FILE, example_images(state.val_loader.dataset))
+    return final
 
 
-def build_trainer(cfg: TrainConfig, *, run_name: str, storage_path: str, log: Callable | None = None,
-                  teacher_checkpoint: str | None = None, callbacks: list | None = None,
-                  report_fn: Callable[[dict], None] | None = None,
-                  inject_failure: dict | None = None) -> ray.train.torch.TorchTrainer:
+def example_images(dataset, count: int = 2) -> torch.Tensor:
+    """The first ``count`` images of ``dataset`` as one CPU batch ``[count, 3, S, S]`` (repeated when it
+    holds fewer): the logged model's input example."""
+    images = [dataset[index % len(dataset)][0] for index in range(count)]
+    return torch.stack(images).float().cpu()
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    *,
+    run_name: str,
+    storage_path: str,
+    log: Callable | None = None,
+    teacher_checkpoint: str | None = None,
+    callbacks: list | None = None,
+    report_fn: Callable[[dict], None] | None = None,
+    inject_failure: dict | None = None,
+) -> ray.train.torch.TorchTrainer:
     """A ``TorchTrainer`` for ``cfg`` whose checkpoints live in ``storage_path/run_name``.
 
     ``callbacks`` (Train ``UserCallback``s) serve worker-actor runs; ``report_fn(metrics)`` is what a
@@ -152,22 +198,31 @@ def build_trainer(cfg: TrainConfig, *, run_name: str, storage_path: str, log: Ca
     if res.use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
     loop_config = {
-        "train": cfg.model_dump(mode="json"), "log": log, "teacher_checkpoint": teacher_checkpoint,
-        "run_dir": str(Path(storage_path) / run_name), "inject_failure": inject_failure,
-        "local": local, "report_fn": report_fn if local else None,
+        "train": cfg.model_dump(mode="json"),
+        "log": log,
+        "teacher_checkpoint": teacher_checkpoint,
+        "run_dir": str(Path(storage_path) / run_name),
+        "inject_failure": inject_failure,
+        "local": local,
+        "report_fn": report_fn if local else None,
     }
-    scaling = ray.train.ScalingConfig(num_workers=0) if local else ray.train.ScalingConfig(
-        num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+    scaling = (
+        ray.train.ScalingConfig(num_workers=0)
+        if local
+        else ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+    )
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling,
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path,
+            name=run_name,
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=None if local else (callbacks or None)),
+            callbacks=None if local else (callbacks or None),
+        ),
     )
 
 
@@ -180,4 +235,3 @@ def final_metrics(result) -> dict:
         raise NonFiniteLossError(returned[NONFINITE_KEY])
     reported = returned or result.metrics or {}
     return {key: value for key, value in reported.items() if isinstance(value, (int, float))}
-

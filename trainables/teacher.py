@@ -3,6 +3,7 @@
 A teacher is never wrapped in DDP, stays in eval mode and runs under ``torch.no_grad``.
 Its input is renormalised when its mean/std differ from the student's data pipeline.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from timm.models.cait import TalkingHeadAttn
 from torch import nn
 
-from trainables.config import StudentConfig, TeacherConfig
+from encmm.trainables.config import StudentConfig, TeacherConfig
 
 
 def patch_grid(model: nn.Module) -> tuple[int, int] | None:
@@ -44,7 +45,7 @@ class FrozenTeacher(nn.Module):
         self.register_buffer("scale", (s_std / t_std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, 3, 1, 1), persistent=False)
 
-    def train(self, mode: bool = True) -> "FrozenTeacher":
+    def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)  # always eval: no dropout / drop-path, fixed norms
 
     @torch.no_grad()  # not inference_mode: its tensors cannot be saved by the student's loss graph
@@ -54,7 +55,8 @@ class FrozenTeacher(nn.Module):
         if self.is_encmm:
             return self.model.forward_distill(x)
         final, taps = self.model.forward_intermediates(
-            x, indices=[self.block], norm=False, output_fmt="NLC", intermediates_only=False)
+            x, indices=[self.block], norm=False, output_fmt="NLC", intermediates_only=False
+        )
         return self.model.forward_head(final), taps[0]
 
     @property
@@ -137,19 +139,31 @@ def load_checkpoint_file(path: str | Path) -> dict:
 
 def model_from_checkpoint(ckpt: dict, *, load_weights: bool = True) -> tuple[nn.Module, dict]:
     """Rebuild the trained student an encmm checkpoint describes; returns (model, spec)."""
-    from trainables.models import build_student
+    from encmm.trainables.models import build_student
 
     spec = ckpt["spec"]
     cfg = StudentConfig.model_validate(spec["student"])
-    model = build_student(cfg, num_classes=spec["num_classes"], img_size=spec["img_size"],
-                          target_width=spec.get("target_width"), tap_block=spec.get("tap_block", -1))
+    model = build_student(
+        cfg,
+        num_classes=spec["num_classes"],
+        img_size=spec["img_size"],
+        target_width=spec.get("target_width"),
+        tap_block=spec.get("tap_block", -1),
+    )
     if load_weights:
         model.load_state_dict(ckpt["model"])
     return model, spec
 
 
-def build_teacher(cfg: TeacherConfig, *, student_mean, student_std, checkpoint_path: str | None = None,
-                  img_size: int | None = None, load_weights: bool = True) -> FrozenTeacher:
+def build_teacher(
+    cfg: TeacherConfig,
+    *,
+    student_mean,
+    student_std,
+    checkpoint_path: str | None = None,
+    img_size: int | None = None,
+    load_weights: bool = True,
+) -> FrozenTeacher:
     """The frozen teacher for ``cfg``. For ``source=run`` the caller resolves ``checkpoint_path``."""
     if cfg.source == "timm":
         model = create_timm_teacher(cfg, load_weights=load_weights, img_size=img_size)
@@ -160,5 +174,6 @@ def build_teacher(cfg: TeacherConfig, *, student_mean, student_std, checkpoint_p
         mean, std = spec["mean"], spec["std"]
     else:
         raise ValueError("teacher.source is none")
-    return FrozenTeacher(model, cfg.block, student_mean=student_mean, student_std=student_std,
-                         teacher_mean=mean, teacher_std=std)
+    return FrozenTeacher(
+        model, cfg.block, student_mean=student_mean, student_std=student_std, teacher_mean=mean, teacher_std=std
+    )

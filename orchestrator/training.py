@@ -3,23 +3,33 @@
 Order matters: validate everything (config, data, models, teacher, tracking store) first; only then
 create the MLflow run and the output folder, so bad input leaves nothing behind.
 """
+
 from __future__ import annotations
 
+import copy
 import signal
 import threading
 import time
 import traceback
+from collections.abc import Mapping
+from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from orchestrator import tracking
-from orchestrator.ray_cluster import init_ray
-from trainables.config import ConfigError, TrainConfig, flatten, load_train_config, with_absolute_paths
-from trainables.preflight import check_train_config
-
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-DEFAULT_TRAIN_CONFIG = EXPERIMENTS_DIR / "digits-teacher.yaml"
+from encmm.orchestrator import tracking
+from encmm.orchestrator.experiments import DEFAULT_TRAIN, resolve_experiment
+from encmm.orchestrator.ray_cluster import init_ray
+from encmm.trainables.config import (
+    TrainConfig,
+    apply_overrides,
+    flatten,
+    load_train_config,
+    validate_model,
+    with_absolute_paths,
+)
+from encmm.trainables.preflight import check_train_config
 
 
 def resolve_teacher_checkpoint(cfg: TrainConfig, uri: str, source: str) -> str | None:
@@ -30,10 +40,27 @@ def resolve_teacher_checkpoint(cfg: TrainConfig, uri: str, source: str) -> str |
     return str(tracking.fetch_best_checkpoint(uri, cfg.teacher.run_id, cache, f"{source}: teacher.run_id"))
 
 
-def prepare_train(config_path: str | None, overrides: list[str], tracking_uri: str | None) -> tuple:
-    """Everything that can fail on bad input, with no side effect but a teacher download cache."""
-    source = str(config_path) if config_path else str(DEFAULT_TRAIN_CONFIG)
-    cfg = with_absolute_paths(load_train_config(config_path or DEFAULT_TRAIN_CONFIG, overrides))
+def load_config(
+    config: TrainConfig | Mapping[str, Any] | str | PathLike | None, overrides: list[str]
+) -> tuple[TrainConfig, str]:
+    """The training config ``config`` gives, with the dotted ``overrides`` applied, validated; and the
+    source bad input is reported against. ``config``: a file, a shipped experiment's name, ``None`` (the
+    shipped default), a plain dict (``<dict>`` in errors) or a :class:`TrainConfig` (``<TrainConfig>``)."""
+    if isinstance(config, (TrainConfig, Mapping)):
+        source = "<TrainConfig>" if isinstance(config, TrainConfig) else "<dict>"
+        raw = config.model_dump(mode="json") if isinstance(config, TrainConfig) else copy.deepcopy(dict(config))
+        return validate_model(TrainConfig, apply_overrides(raw, overrides), source), source
+    file = resolve_experiment(config, DEFAULT_TRAIN)
+    return load_train_config(file, overrides), str(config) if config else str(file)
+
+
+def prepare_train(
+    config_path: TrainConfig | Mapping[str, Any] | str | PathLike | None, overrides: list[str], tracking_uri: str | None
+) -> tuple:
+    """Everything that can fail on bad input, with no side effect but a teacher download cache.
+    ``config_path`` is anything :func:`load_config` reads."""
+    loaded, source = load_config(config_path, overrides)
+    cfg = with_absolute_paths(loaded)
     uri = tracking.resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
     tracking.check_tracking(uri)  # creates nothing; needed first when the teacher is an MLflow run
     teacher_checkpoint = resolve_teacher_checkpoint(cfg, uri, source)
@@ -60,10 +87,17 @@ def fit_and_release(trainer) -> object:
             signal.signal(signal.SIGINT, previous)
 
 
-def run_train(cfg: TrainConfig, uri: str, *, teacher_checkpoint: str | None = None, address: str | None = None,
-              inject_failure: dict | None = None, tags: dict | None = None) -> dict:
+def run_train(
+    cfg: TrainConfig,
+    uri: str,
+    *,
+    teacher_checkpoint: str | None = None,
+    address: str | None = None,
+    inject_failure: dict | None = None,
+    tags: dict | None = None,
+) -> dict:
     """Run one validated config on Ray Train; returns the final metrics. Ends the MLflow run in all cases."""
-    from trainables.ray_worker import BEST_FILE, build_trainer, final_metrics
+    from encmm.trainables.ray_worker import BEST_FILE, build_trainer, final_metrics
 
     if cfg.resources.local_mode == "auto":  # a lone run has no Tune retry: keep Ray Train's worker restarts
         cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"local_mode": "off"})})
@@ -71,15 +105,25 @@ def run_train(cfg: TrainConfig, uri: str, *, teacher_checkpoint: str | None = No
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(cfg.tracking.output_dir)
     run_dir = storage / run_name
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name,
-                                params=flatten(cfg.model_dump(mode="json")),
-                                tags={"encmm.kind": "train", "encmm.run_dir": str(run_dir), **(tags or {})})
+    run_id = tracking.start_run(
+        uri,
+        cfg.tracking.experiment,
+        run_name,
+        params=flatten(cfg.model_dump(mode="json")),
+        tags={"encmm.kind": "train", "encmm.run_dir": str(run_dir), **(tags or {})},
+    )
     tracking.close_runs_if_process_dies(uri, [run_id])
     logger = tracking.RunLogger(uri, run_id, spool=str(run_dir / tracking.SPOOL_FILE))
     try:
         logger.log_artifact(write_resolved_config(cfg, run_dir))
-        trainer = build_trainer(cfg, run_name=run_name, storage_path=str(storage), log=logger,
-                                teacher_checkpoint=teacher_checkpoint, inject_failure=inject_failure)
+        trainer = build_trainer(
+            cfg,
+            run_name=run_name,
+            storage_path=str(storage),
+            log=logger,
+            teacher_checkpoint=teacher_checkpoint,
+            inject_failure=inject_failure,
+        )
         final = final_metrics(fit_and_release(trainer))
         logger.flush()  # metrics spooled while the store was unreachable, with MLflow's own retries
         best = run_dir / BEST_FILE

@@ -5,15 +5,16 @@ block for ``none``, the lifted map for Lift, the wide block for WideLast) goes t
 math: last-layer per-image SVD rank p99 and shared-PCA rank p99 at 0.95/0.99, SEP bandwidth d/D at 90%,
 and the feature-alignment MSE to the teacher (after the trained projector or the channel pooling).
 """
+
 from __future__ import annotations
 
 import torch
 
-from analysis.spectra import diagnose_layer
-from trainables.config import TrainConfig
-from trainables.data import build_datasets
-from trainables.losses import pool_teacher_channels
-from trainables.teacher import build_teacher, load_checkpoint_file, model_from_checkpoint
+from encmm.analysis.spectra import diagnose_layer
+from encmm.trainables.config import TrainConfig
+from encmm.trainables.data import build_datasets
+from encmm.trainables.losses import pool_teacher_channels
+from encmm.trainables.teacher import build_teacher, load_checkpoint_file, model_from_checkpoint
 
 MISMATCH_THRESHOLDS = (0.95, 0.99)
 
@@ -32,7 +33,7 @@ def distilled_features(model: torch.nn.Module, images: torch.Tensor, batch_size:
     model.eval()
     outs = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
+        batch = images[start : start + batch_size]
         result = model.forward_distill(batch) if hasattr(model, "forward_distill") else model(batch)
         outs.append(result[1].float())
     return torch.cat(outs)
@@ -40,8 +41,13 @@ def distilled_features(model: torch.nn.Module, images: torch.Tensor, batch_size:
 
 def frozen_teacher(cfg: TrainConfig, data, teacher_checkpoint: str | None):
     """The run's teacher, normalised for ``data`` (the student's pipeline)."""
-    return build_teacher(cfg.teacher, student_mean=data.mean, student_std=data.std,
-                         checkpoint_path=teacher_checkpoint, img_size=cfg.data.img_size)
+    return build_teacher(
+        cfg.teacher,
+        student_mean=data.mean,
+        student_std=data.std,
+        checkpoint_path=teacher_checkpoint,
+        img_size=cfg.data.img_size,
+    )
 
 
 def layer_summary(features: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -55,8 +61,9 @@ def layer_summary(features: torch.Tensor, prefix: str) -> dict[str, float]:
     return metrics
 
 
-def measure_mismatch(cfg: TrainConfig, checkpoint_path: str, *, teacher_checkpoint: str | None = None,
-                     num_images: int = 200) -> dict[str, float]:
+def measure_mismatch(
+    cfg: TrainConfig, checkpoint_path: str, *, teacher_checkpoint: str | None = None, num_images: int = 200
+) -> dict[str, float]:
     """``diag/*`` metrics of the student in ``checkpoint_path`` (and ``diag/feat_mse`` when it had a teacher)."""
     ckpt = load_checkpoint_file(checkpoint_path)
     student, _ = model_from_checkpoint(ckpt)
