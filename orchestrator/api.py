@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union, overload
 
 if TYPE_CHECKING:
-    from encmm.orchestrator.sweep_command import SweepSetup
     from encmm.orchestrator.sweep_config import SweepConfig
     from encmm.trainables.config import TrainConfig
 
@@ -259,7 +258,7 @@ def sweep(
 
     setup = sc.prepare_sweep(config, override_list(overrides), tracking_uri)
     if dry_run:
-        return SweepPlan(name=setup.cfg.name, total_trials=sc.trial_count(setup.cfg), text=plan_text(setup, address))
+        return SweepPlan(name=setup.cfg.name, total_trials=sc.trial_count(setup.cfg), text=sc.plan_text(setup, address))
     if resume:
         plan = sc.find_sweep(resume, setup.trials[0].tracking.output_dir, setup.uri)
     else:
@@ -278,21 +277,6 @@ def sweep(
         sweep_dir=Path(plan["sweep_dir"]),
         tracking_uri=plan["uri"],
     )
-
-
-def plan_text(setup: SweepSetup, address: str | None) -> str:
-    """The dry-run plan of a prepared sweep, against this machine or (with an address) the Ray cluster."""
-    from encmm.orchestrator import sweep_command as sc
-
-    cluster, where = sc.local_resources(), "this machine"
-    if address or os.environ.get("RAY_ADDRESS"):
-        import ray
-
-        from encmm.orchestrator.ray_cluster import init_ray
-
-        init_ray(address)
-        cluster, where = ray.cluster_resources(), "Ray cluster"
-    return sc.format_plan(setup, cluster, where)
 
 
 def diagnose(

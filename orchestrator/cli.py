@@ -146,15 +146,7 @@ def sweep(
     try:
         setup = sc.prepare_sweep(config, set_ or [], tracking_uri)
         if dry_run:
-            cluster, where = sc.local_resources(), "this machine"
-            if address or os.environ.get("RAY_ADDRESS"):
-                import ray
-
-                from encmm.orchestrator.ray_cluster import init_ray
-
-                init_ray(address)
-                cluster, where = ray.cluster_resources(), "Ray cluster"
-            typer.echo(sc.format_plan(setup, cluster, where))
+            typer.echo(sc.plan_text(setup, address))
             return
         if resume:
             plan = sc.find_sweep(resume, setup.trials[0].tracking.output_dir, setup.uri)

@@ -136,6 +136,19 @@ def trial_count(cfg: SweepConfig) -> int:
     return len(grid_points(cfg.search)) * cfg.search.num_samples
 
 
+def plan_text(setup: SweepSetup, address: str | None) -> str:
+    """The dry-run plan of a prepared sweep, against this machine or (with an address) the Ray cluster."""
+    cluster, where = local_resources(), "this machine"
+    if address or os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        from encmm.orchestrator.ray_cluster import init_ray
+
+        init_ray(address)
+        cluster, where = ray.cluster_resources(), "Ray cluster"
+    return format_plan(setup, cluster, where)
+
+
 def format_plan(setup: SweepSetup, cluster: dict, where: str) -> str:
     cfg = setup.cfg
     lines = [
