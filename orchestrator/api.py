@@ -266,16 +266,16 @@ def sweep(
             sc.trials_at_once(setup, sc.local_resources())  # fail before a local Ray cluster starts
         plan = sc.start_sweep(setup, address)
     rows, best = sc.run_sweep(plan, resume=bool(resume), address=address)
-    status = tracking.get_run(plan["uri"], plan["parent_run_id"]).info.status
+    status = tracking.get_run(plan.uri, plan.parent_run_id).info.status
     return SweepResult(
-        name=plan["name"],
-        parent_run_id=plan["parent_run_id"],
+        name=plan.name,
+        parent_run_id=plan.parent_run_id,
         status=status,
         rows=rows,
         best=best,
-        total_trials=plan["total_trials"],
-        sweep_dir=Path(plan["sweep_dir"]),
-        tracking_uri=plan["uri"],
+        total_trials=plan.total_trials,
+        sweep_dir=plan.sweep_dir,
+        tracking_uri=plan.uri,
     )
 
 

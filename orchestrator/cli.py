@@ -7,7 +7,6 @@ import os
 import re
 import sys
 import traceback
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -54,6 +53,9 @@ def configure_logging(level: int) -> None:
         handler._encmm = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(level)
+    # MLflow's INFO lines (creating a store's tables, migrations) only with --verbose; its warnings always.
+    # MLflow sets its loggers' level from this when it is imported; a value the user set wins.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if level <= logging.DEBUG else "WARNING")
 
 
 def debugging() -> bool:
@@ -159,19 +161,19 @@ def sweep(
     except Exception as exc:  # noqa: BLE001 - teacher training or set-up failed; its run is FAILED
         fail(f"sweep set-up failed: {describe_error(exc)}", 1)
     typer.echo(
-        f"sweep {plan['name']}: parent run {plan['parent_run_id']} ({plan['total_trials']} trials, "
-        f"{plan['max_concurrent_trials']} at once)"
+        f"sweep {plan.name}: parent run {plan.parent_run_id} ({plan.total_trials} trials, "
+        f"{plan.max_concurrent_trials} at once)"
     )
     try:
         rows, best = sc.run_sweep(plan, resume=bool(resume), address=address)
     except Exception as exc:  # noqa: BLE001 - parent run already FAILED; one line for the user
         fail(f"sweep failed: {describe_error(exc)}", 1)
-    typer.echo((Path(plan["sweep_dir"]) / "summary.md").read_text())
+    typer.echo((plan.sweep_dir / "summary.md").read_text())
     finished = [r for r in rows if r["status"] == "FINISHED"]
-    if len(finished) < plan["total_trials"]:
+    if len(finished) < plan.total_trials:
         typer.echo(
-            f"{plan['total_trials'] - len(finished)} trial(s) not finished; "
-            f"resume with: encmm sweep {config or ''} --resume {plan['name']}".replace("  ", " ")
+            f"{plan.total_trials - len(finished)} trial(s) not finished; "
+            f"resume with: encmm sweep {config or ''} --resume {plan.name}".replace("  ", " ")
         )
     if best:
         typer.echo(f"best trial {best['trial']}: best val/acc1 {best['best/val/acc1']}")

@@ -8,13 +8,14 @@ import logging
 import os
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
     """Start (or join) Ray once per process.
 
     A local cluster that encmm starts listens on 127.0.0.1 only: the dashboard (``dashboard_host``) and,
     because its node IP is 127.0.0.1, Ray's own servers too (GCS, raylet, workers, agents, metrics). A
     cluster named by ``address`` / ``RAY_ADDRESS`` (or one ``ray start`` left running on this machine,
-    which ``ray.init()`` joins) is used as it is.
+    which ``ray.init()`` joins) is used as it is. ``runtime_env``: Ray's runtime environment for this job
+    (``ray.init(runtime_env=...)``), which every task and actor it starts inherits.
     """
     import ray
 
@@ -29,6 +30,7 @@ def init_ray(address: str | None = None) -> None:
         "ignore_reinit_error": True,
         "log_to_driver": verbose,
         "logging_level": logging.INFO if verbose else logging.WARNING,
+        "runtime_env": runtime_env,
     }
     if address:
         ray.init(address=address, **kwargs)

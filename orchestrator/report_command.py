@@ -140,13 +140,7 @@ def load_sweep(uri: str, name_or_id: str) -> SweepRecord:
     tracking.check_tracking(uri)
     parent = tracking.find_sweep_run(uri, name_or_id)
     children = tracking.list_child_runs(uri, parent.info.run_id)
-    plan = {
-        "uri": uri,
-        "experiment": tracking.experiment_name(uri, parent.info.experiment_id),
-        "parent_run_id": parent.info.run_id,
-        "search": {"grid": {}},
-    }
-    rows = summarize(plan)[0]
+    rows = summarize(uri, tracking.experiment_name(uri, parent.info.experiment_id), parent.info.run_id)[0]
     by_id = {r["run_id"]: r for r in rows}
     for child in children:  # children found by mlflow.parentRunId only: summarise them too
         if child.info.run_id not in by_id:

@@ -19,14 +19,15 @@ import logging
 import math
 import threading
 import traceback
-from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from encmm.orchestrator import tracking
 from encmm.orchestrator.sweep_config import SearchSpace, grid_axes, trial_config_dict
+from encmm.orchestrator.sweep_plan import RuntimePlan
 from encmm.trainables.config import TrainConfig, flatten
+from encmm.trainables.execution import Execution
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +37,28 @@ METRIC = "val/acc1"
 TRIAL_STARTED = threading.Event()
 
 
-def param_space(search: dict) -> dict[str, Any]:
+def param_space(search: SearchSpace) -> dict[str, Any]:
     """Grid axes -> ``tune.grid_search``; sampled axes -> Tune's distributions."""
-    space: dict[str, Any] = {
-        key: tune.grid_search(values) for key, values in grid_axes(SearchSpace.model_validate(search)).items()
-    }
-    for key, axis in search.get("sample", {}).items():
-        kind = axis["distribution"]
-        if kind == "uniform":
-            space[key] = tune.uniform(axis["low"], axis["high"])
-        elif kind == "loguniform":
-            space[key] = tune.loguniform(axis["low"], axis["high"])
-        elif kind == "randint":
-            space[key] = tune.randint(int(axis["low"]), int(axis["high"]))
+    space: dict[str, Any] = {key: tune.grid_search(values) for key, values in grid_axes(search).items()}
+    for key, axis in search.sample.items():
+        if axis.distribution == "uniform":
+            space[key] = tune.uniform(axis.low, axis.high)
+        elif axis.distribution == "loguniform":
+            space[key] = tune.loguniform(axis.low, axis.high)
+        elif axis.distribution == "randint":
+            space[key] = tune.randint(int(axis.low), int(axis.high))
         else:
-            space[key] = tune.choice(axis["values"])
+            space[key] = tune.choice(axis.values)
     return space
 
 
-def trial_train_config(plan: dict, assignment: dict[str, Any], trial_id: str) -> TrainConfig:
-    tree = trial_config_dict(plan["base"], assignment, plan["search"].get("arms"))
-    tree["name"] = f"{plan['name']}-{trial_id}"[:100]
+def trial_train_config(plan: RuntimePlan, assignment: dict[str, Any], trial_id: str) -> TrainConfig:
+    tree = trial_config_dict(plan.base, assignment, plan.search.arms)
+    tree["name"] = f"{plan.name}-{trial_id}"[:100]
     return TrainConfig.model_validate(tree)
 
 
-def run_trial(config: dict[str, Any], plan: dict) -> None:
+def run_trial(config: dict[str, Any], plan: RuntimePlan) -> None:
     """Tune function trainable: one trial = one Ray Train job + its MLflow child run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -70,42 +68,43 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_train_config(plan, config, trial_id)
-    uri = plan["uri"]
-    key_tags = {"encmm.parent_run_id": plan["parent_run_id"], "encmm.trial_id": trial_id}
-    done = tracking.find_runs(uri, plan["experiment"], key_tags, statuses=("FINISHED",))
+    uri = plan.uri
+    key_tags = {"encmm.parent_run_id": plan.parent_run_id, "encmm.trial_id": trial_id}
+    done = tracking.find_runs(uri, plan.experiment, key_tags, statuses=("FINISHED",))
     if done:  # the sweep driver died after this trial finished, before Tune saved that: do not re-run it
         final = {k.removeprefix("final/"): v for k, v in done[0].data.metrics.items() if k.startswith("final/")}
         tune.report(final)
         return
     run_id = tracking.attach_run(
         uri,
-        plan["experiment"],
-        f"{plan['name']}/{trial_id}",
+        plan.experiment,
+        f"{plan.name}/{trial_id}",
         key_tags=key_tags,
         params=flatten(cfg.model_dump(mode="json")),
         tags={
             "encmm.kind": "trial",
-            "encmm.sweep_name": plan["name"],
+            "encmm.sweep_name": plan.name,
             "encmm.assignment": json.dumps(config, sort_keys=True, default=str),
             **({"encmm.arm": str(config["arm"])} if "arm" in config else {}),
         },
-        parent_run_id=plan["parent_run_id"],
+        parent_run_id=plan.parent_run_id,
     )
-    storage = Path(plan["sweep_dir"]) / "trials"
+    storage = plan.sweep_dir / "trials"
     logger = tracking.RunLogger(uri, run_id, spool=str(storage / trial_id / tracking.SPOOL_FILE))
     try:
-        # Local mode runs the Train loop in this process: it reports to Tune itself (building a
+        # In local mode the Train loop runs in this process and reports to Tune itself (building a
         # TuneReportCallback would start a queue actor for nothing).
-        local = cfg.resources.runs_local
+        execution = Execution.of(cfg.resources)
+        callbacks = execution.reports_through_callbacks
         trainer = build_trainer(
             cfg,
             run_name=trial_id,
             storage_path=str(storage),
             log=logger,
-            teacher_checkpoint=plan.get("teacher_checkpoint"),
-            callbacks=None if local else [TuneReportCallback()],
-            report_fn=tune.report if local else None,
-            inject_failure=plan.get("inject_failure", {}).get(trial_assignment_key(config)),
+            teacher_checkpoint=plan.teacher_checkpoint,
+            callbacks=[TuneReportCallback()] if callbacks else None,
+            report_fn=None if callbacks else tune.report,
+            execution=execution,
         )
         final = final_metrics(trainer.fit())
         logger.flush()
@@ -121,8 +120,8 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
                 measure_mismatch(
                     cfg,
                     str(best),
-                    teacher_checkpoint=plan.get("teacher_checkpoint"),
-                    num_images=plan["mismatch_images"],
+                    teacher_checkpoint=plan.teacher_checkpoint,
+                    num_images=plan.mismatch_images,
                 )
             )
         logger.log_metrics(summary, step=epoch)
@@ -135,11 +134,6 @@ def run_trial(config: dict[str, Any], plan: dict) -> None:
         raise
 
 
-def trial_assignment_key(config: dict[str, Any]) -> str:
-    """A trial's grid assignment as one stable string, e.g. ``student.remedy=lift``."""
-    return ",".join(f"{key}={config[key]}" for key in sorted(config))
-
-
 class SweepProgress(tune.Callback):
     """One status line whenever a trial changes state: done / running / pending / failed, best val/acc1.
 
@@ -147,7 +141,7 @@ class SweepProgress(tune.Callback):
     or its driver died) gets its child run closed here, never left RUNNING.
     """
 
-    def __init__(self, plan: dict, total: int):
+    def __init__(self, plan: RuntimePlan, total: int):
         self.plan, self.total = plan, total
         self.state: dict[str, str] = {}
         self.best: tuple[float, str] | None = None
@@ -157,7 +151,7 @@ class SweepProgress(tune.Callback):
         pending = max(0, self.total - len(self.state))
         best = f"{self.best[0]:.2f} ({self.best[1]})" if self.best else "-"
         log.info(
-            f"[sweep {self.plan['name']}] {counts['done']}/{self.total} done, {counts['running']} running, "
+            f"[sweep {self.plan.name}] {counts['done']}/{self.total} done, {counts['running']} running, "
             f"{pending} pending, {counts['failed']} failed | best {METRIC} {best}",
         )
 
@@ -174,16 +168,16 @@ class SweepProgress(tune.Callback):
 
     def _close_child(self, trial_id: str, status: str) -> None:
         runs = tracking.find_runs(
-            self.plan["uri"],
-            self.plan["experiment"],
-            {"encmm.parent_run_id": self.plan["parent_run_id"], "encmm.trial_id": trial_id},
+            self.plan.uri,
+            self.plan.experiment,
+            {"encmm.parent_run_id": self.plan.parent_run_id, "encmm.trial_id": trial_id},
             statuses=("RUNNING",),
         )
         for run in runs:
             if status == "FINISHED":
-                tracking.set_tags(self.plan["uri"], run.info.run_id, {"encmm.stopped_early": "true"})
+                tracking.set_tags(self.plan.uri, run.info.run_id, {"encmm.stopped_early": "true"})
             tracking.end_run(
-                self.plan["uri"],
+                self.plan.uri,
                 run.info.run_id,
                 status,
                 error=None if status == "FINISHED" else "trial ended without closing its run",
@@ -200,19 +194,14 @@ class SweepProgress(tune.Callback):
         self._print()
 
 
-def trial_driver_resources(plan: dict, config: dict[str, Any]) -> tune.PlacementGroupFactory:
+def trial_driver_resources(plan: RuntimePlan, config: dict[str, Any]) -> tune.PlacementGroupFactory:
     """What a trial's driver actor holds: ``trial_driver_cpus``, plus the worker's share when the
-    trial trains in Train local mode (the loop runs in the driver; no worker actor asks for it)."""
-    resources = trial_train_config(plan, config, "resources").resources
-    bundle = {"CPU": plan["trial_driver_cpus"]}
-    if resources.runs_local:
-        bundle["CPU"] += resources.cpus_per_worker
-        if resources.gpus_per_worker:
-            bundle["GPU"] = resources.gpus_per_worker
-    return tune.PlacementGroupFactory([bundle])
+    trial trains in Train local mode (``trainables.execution``)."""
+    execution = Execution.of(trial_train_config(plan, config, "resources").resources)
+    return tune.PlacementGroupFactory([execution.caller_bundle(plan.trial_driver_cpus)])
 
 
-def build_tuner(plan: dict, *, restore: bool = False) -> tune.Tuner:
+def build_tuner(plan: RuntimePlan, *, restore: bool = False) -> tune.Tuner:
     """The Tuner for ``plan`` (a fresh sweep, or ``Tuner.restore`` of an interrupted one)."""
     from ray.tune.schedulers import ASHAScheduler
 
@@ -220,31 +209,31 @@ def build_tuner(plan: dict, *, restore: bool = False) -> tune.Tuner:
         tune.with_parameters(run_trial, plan=plan), lambda config: trial_driver_resources(plan, config)
     )
     if restore:
-        return tune.Tuner.restore(plan["sweep_dir"], trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(str(plan.sweep_dir), trainable=trainable, resume_errored=True)
     scheduler = None
-    if plan.get("asha"):
+    if plan.asha:
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
-            max_t=plan["epochs"],
-            grace_period=plan["asha"]["grace_period"],
-            reduction_factor=plan["asha"]["reduction_factor"],
+            max_t=plan.epochs,
+            grace_period=plan.asha.grace_period,
+            reduction_factor=plan.asha.reduction_factor,
         )
-    sweep_dir = Path(plan["sweep_dir"])
+    sweep_dir = plan.sweep_dir
     return tune.Tuner(
         trainable,
-        param_space=param_space(plan["search"]),
+        param_space=param_space(plan.search),
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="max",
             scheduler=scheduler,
-            num_samples=plan["search"].get("num_samples", 1),
-            max_concurrent_trials=plan["max_concurrent_trials"],
+            num_samples=plan.search.num_samples,
+            max_concurrent_trials=plan.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(
             name=sweep_dir.name,
             storage_path=str(sweep_dir.parent),
             verbose=0,
-            failure_config=tune.FailureConfig(max_failures=plan["max_trial_failures"]),
-            callbacks=[SweepProgress(plan, plan["total_trials"])],
+            failure_config=tune.FailureConfig(max_failures=plan.max_trial_failures),
+            callbacks=[SweepProgress(plan, plan.total_trials)],
         ),
     )

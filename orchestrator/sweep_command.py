@@ -32,7 +32,7 @@ from encmm.orchestrator.sweep_config import (
     trial_config_dict,
     validate_trials,
 )
-from encmm.orchestrator.sweep_plan import load_plan, save_plan, timestamped
+from encmm.orchestrator.sweep_plan import PLAN_FILE, RuntimePlan, timestamped
 from encmm.orchestrator.sweep_results import summarize, write_summary
 from encmm.orchestrator.training import resolve_teacher_checkpoint
 from encmm.trainables.config import (
@@ -43,6 +43,7 @@ from encmm.trainables.config import (
     load_train_config,
     with_absolute_paths,
 )
+from encmm.trainables.execution import Execution
 from encmm.trainables.preflight import check_train_config
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,14 @@ def teacher_hash(cfg: TrainConfig) -> str:
 
 
 def trial_resources(trials: list[TrainConfig], driver_cpus: float) -> dict:
-    cpus = max(t.resources.workers * t.resources.cpus_per_worker for t in trials) + driver_cpus
-    gpus = max(t.resources.workers * t.resources.gpus_per_worker for t in trials)
-    # In Train local mode the worker's share is held by the trial driver itself: the total is the same.
+    """The most any one trial holds (its driver included), and how the largest one executes."""
+    executions = [Execution.of(t.resources) for t in trials]
+    totals = [e.total(driver_cpus) for e in executions]
     return {
-        "CPU": cpus,
-        "GPU": gpus,
-        "workers": max(t.resources.workers for t in trials),
-        "local": all(t.resources.runs_local for t in trials),
+        "CPU": max(t["CPU"] for t in totals),
+        "GPU": max(t["GPU"] for t in totals),
+        "workers": max(e.workers for e in executions),
+        "execution": max(executions, key=lambda e: e.workers).describe(),
     }
 
 
@@ -174,10 +175,9 @@ def format_plan(setup: SweepSetup, cluster: dict, where: str) -> str:
         lines.append(f"  claim: {claim.name}: {claim.a} {'>' if claim.expect == 'greater' else '<'} {claim.b}")
     per = setup.per_trial
     at_once = concurrent_trials(per, cluster, cfg.max_concurrent_trials)
-    where_worker = ", Train local mode: the worker runs inside the driver" if per.get("local") else ""
     lines.append(
         f"resources per trial: {per['workers']} Train worker(s), {per['CPU']:g} CPU, {per['GPU']:g} GPU "
-        f"(trial driver {cfg.trial_driver_cpus:g} CPU{where_worker})"
+        f"(trial driver {cfg.trial_driver_cpus:g} CPU, {per['execution']})"
     )
     lines.append(
         f"cluster ({where}): {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU -> "
@@ -221,7 +221,9 @@ def train_teacher(setup: SweepSetup, address: str | None) -> str:
 
     digest = teacher_hash(setup.teacher_cfg)
     log.info(f"[sweep] training the teacher (hash {digest}) before the students")
-    return run_train(setup.teacher_cfg, setup.uri, address=address, tags={"encmm.config_hash": digest})["run_id"]
+    tags = {"encmm.config_hash": digest}
+    done = run_train(setup.teacher_cfg, setup.uri, address=address, tags=tags, progress_label="[sweep] teacher")
+    return done["run_id"]
 
 
 def ensure_teacher(setup: SweepSetup, address: str | None) -> str:
@@ -229,41 +231,41 @@ def ensure_teacher(setup: SweepSetup, address: str | None) -> str:
     return find_teacher(setup) or train_teacher(setup, address)
 
 
-def finish_sweep(plan: dict, interrupted: bool) -> tuple[list[dict], dict | None]:
+def finish_sweep(plan: RuntimePlan, interrupted: bool) -> tuple[list[dict], dict | None]:
     """Summary table and best trial onto the parent run, then close it (and any child left RUNNING).
 
     A sweep that stopped before every trial ended (Ctrl-C) is KILLED and resumable with ``--resume``.
     """
-    rows, best = summarize(plan)
+    rows, best = summarize(plan.uri, plan.experiment, plan.parent_run_id, [*plan.search.grid, *plan.search.sample])
     ended = [r for r in rows if r["status"] in ("FINISHED", "FAILED")]
-    interrupted = interrupted or len(ended) < plan["total_trials"]
+    interrupted = interrupted or len(ended) < plan.total_trials
     for row in rows:
         if row["status"] == "RUNNING":
-            tracking.end_run(plan["uri"], row["run_id"], "KILLED", error="sweep interrupted; resume re-attaches")
+            tracking.end_run(plan.uri, row["run_id"], "KILLED", error="sweep interrupted; resume re-attaches")
             row["status"] = "KILLED"
-    folder = Path(plan["sweep_dir"])
+    folder = plan.sweep_dir
     for path in write_summary(rows, folder):
-        tracking.log_artifact(plan["uri"], plan["parent_run_id"], path)
+        tracking.log_artifact(plan.uri, plan.parent_run_id, path)
     if best:
         tracking.set_tags(
-            plan["uri"], plan["parent_run_id"], {"encmm.best_trial": best["trial"], "encmm.best_run_id": best["run_id"]}
+            plan.uri, plan.parent_run_id, {"encmm.best_trial": best["trial"], "encmm.best_run_id": best["run_id"]}
         )
-        tracking.log_metrics(plan["uri"], plan["parent_run_id"], {"best/val/acc1": best["best/val/acc1"]})
+        tracking.log_metrics(plan.uri, plan.parent_run_id, {"best/val/acc1": best["best/val/acc1"]})
     finished = sum(1 for r in rows if r["status"] == "FINISHED")
     tracking.log_metrics(
-        plan["uri"],
-        plan["parent_run_id"],
+        plan.uri,
+        plan.parent_run_id,
         {"trials/finished": finished, "trials/failed": sum(1 for r in rows if r["status"] == "FAILED")},
     )
     if interrupted:
         tracking.end_run(
-            plan["uri"],
-            plan["parent_run_id"],
+            plan.uri,
+            plan.parent_run_id,
             "KILLED",
-            error=f"interrupted; resume with: encmm sweep --resume {plan['name']}",
+            error=f"interrupted; resume with: encmm sweep --resume {plan.name}",
         )
     else:
-        tracking.end_run(plan["uri"], plan["parent_run_id"], "FINISHED" if finished else "FAILED")
+        tracking.end_run(plan.uri, plan.parent_run_id, "FINISHED" if finished else "FAILED")
     return rows, best
 
 
@@ -275,28 +277,28 @@ def build_plan(
     parent_run_id: str,
     sweep_dir: Path,
     max_concurrent: int,
-) -> dict:
+) -> RuntimePlan:
     cfg = setup.cfg
     base = dict(cfg.base)
     if teacher_run_id:
         base["teacher"] = {"source": "run", "run_id": teacher_run_id}
-    return {
-        "name": sweep_dir.name,
-        "sweep_dir": str(sweep_dir),
-        "uri": setup.uri,
-        "experiment": setup.trials[0].tracking.experiment,
-        "parent_run_id": parent_run_id,
-        "base": base,
-        "teacher_checkpoint": teacher_checkpoint,
-        "search": cfg.search.model_dump(mode="json"),
-        "asha": cfg.asha.model_dump(mode="json") if cfg.asha else None,
-        "epochs": max(t.schedule.epochs for t in setup.trials),
-        "max_concurrent_trials": max_concurrent,
-        "trial_driver_cpus": cfg.trial_driver_cpus,
-        "max_trial_failures": cfg.max_trial_failures,
-        "mismatch_images": cfg.mismatch_images,
-        "total_trials": trial_count(cfg),
-    }
+    return RuntimePlan(
+        name=sweep_dir.name,
+        sweep_dir=sweep_dir,
+        uri=setup.uri,
+        experiment=setup.trials[0].tracking.experiment,
+        parent_run_id=parent_run_id,
+        base=base,
+        teacher_checkpoint=teacher_checkpoint,
+        search=cfg.search,
+        asha=cfg.asha,
+        epochs=max(t.schedule.epochs for t in setup.trials),
+        max_concurrent_trials=max_concurrent,
+        trial_driver_cpus=cfg.trial_driver_cpus,
+        max_trial_failures=cfg.max_trial_failures,
+        mismatch_images=cfg.mismatch_images,
+        total_trials=trial_count(cfg),
+    )
 
 
 @dataclass
@@ -340,7 +342,7 @@ def open_sweep_run(setup: SweepSetup, teacher_run_id: str | None) -> SweepRun:
     return SweepRun(parent_run_id, sweep_dir, teacher_run_id, teacher_checkpoint)
 
 
-def start_sweep(setup: SweepSetup, address: str | None) -> dict:
+def start_sweep(setup: SweepSetup, address: str | None) -> RuntimePlan:
     """Train or reuse the teacher, open the parent run, save the plan; returns the plan.
 
     The MLflow side (the store, the parent run), then the import of Ray Tune, run in a thread while this
@@ -378,7 +380,7 @@ def start_sweep(setup: SweepSetup, address: str | None) -> dict:
             sweep_dir=opened.sweep_dir,
             max_concurrent=at_once,
         )
-        tracking.log_artifact(setup.uri, opened.parent_run_id, save_plan(plan))
+        tracking.log_artifact(setup.uri, opened.parent_run_id, plan.save())
     except BaseException as exc:
         tracking.end_run(setup.uri, opened.parent_run_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}")
         raise
@@ -391,18 +393,17 @@ def import_tune_side() -> None:
     import encmm.orchestrator.sweep  # noqa: F401
 
 
-def teacher_trial_config(plan: dict) -> TrainConfig:
+def teacher_trial_config(base: dict, search: SearchSpace) -> TrainConfig:
     """The sweep's first trial config that uses the teacher (grid order, sampled axes at their first bound),
-    or the first trial's when none does (a CE-only arm may come first), from the plan."""
+    or the first trial's when none does (a CE-only arm may come first), from the plan's base and search."""
     configs = (
-        TrainConfig.model_validate(trial_config_dict(plan["base"], point, plan["search"].get("arms")))
-        for point in bound_points(SearchSpace.model_validate(plan["search"]))
+        TrainConfig.model_validate(trial_config_dict(base, point, search.arms)) for point in bound_points(search)
     )
     first = next(configs)
     return first if first.kd.uses_teacher else next((c for c in configs if c.kd.uses_teacher), first)
 
 
-def log_teacher_summary(plan: dict, resume: bool) -> None:
+def log_teacher_summary(plan: RuntimePlan, resume: bool) -> None:
     """The teacher's own mismatch metrics (``teacher/*``) on the parent run, to compare with the trials'.
 
     Runs in a thread of the sweep's driver, from when Tune has started the first trial's process (whose
@@ -415,23 +416,23 @@ def log_teacher_summary(plan: dict, resume: bool) -> None:
 
     TRIAL_STARTED.wait(timeout=TEACHER_SUMMARY_WAIT_S)
     try:
-        probe = teacher_trial_config(plan)
+        probe = teacher_trial_config(plan.base, plan.search)
         if not probe.kd.uses_teacher or (resume and has_teacher_summary(plan)):
             return
         tracking.log_metrics(
-            plan["uri"],
-            plan["parent_run_id"],
-            teacher_summary(probe, plan.get("teacher_checkpoint"), plan["mismatch_images"]),
+            plan.uri,
+            plan.parent_run_id,
+            teacher_summary(probe, plan.teacher_checkpoint, plan.mismatch_images),
         )
     except Exception as exc:  # noqa: BLE001 - the trials do not depend on it: say why, keep the sweep going
         error = f"{exc.__class__.__name__}: {exc}"
         log.warning(f"encmm: warning: the teacher's mismatch metrics (teacher/*) were not logged: {error}")
-        tracking.set_tags(plan["uri"], plan["parent_run_id"], {"encmm.teacher_summary_error": error[:5000]})
+        tracking.set_tags(plan.uri, plan.parent_run_id, {"encmm.teacher_summary_error": error[:5000]})
 
 
-def has_teacher_summary(plan: dict) -> bool:
+def has_teacher_summary(plan: RuntimePlan) -> bool:
     """Whether the parent run has the ``teacher/*`` metrics already (a resumed sweep that logged them)."""
-    metrics = tracking.get_run(plan["uri"], plan["parent_run_id"]).data.metrics
+    metrics = tracking.get_run(plan.uri, plan.parent_run_id).data.metrics
     return any(key.startswith("teacher/") for key in metrics)
 
 
@@ -451,7 +452,7 @@ def code_version() -> str:
         return "unknown"
 
 
-def find_sweep(name: str, output_dir: str, uri: str) -> dict:
+def find_sweep(name: str, output_dir: str, uri: str) -> RuntimePlan:
     """The saved plan of sweep ``name`` (a folder directly under ``<output_dir>/sweeps``; a name is never a path)."""
     import re
 
@@ -461,23 +462,23 @@ def find_sweep(name: str, output_dir: str, uri: str) -> dict:
         raise ConfigError(
             f"--resume: {name!r} is not a sweep name (letters, digits, '_', '.', '-'; a folder directly under {root})"
         )
-    if not (folder / "sweep.json").is_file():
+    if not (folder / PLAN_FILE).is_file():
         raise ConfigError(f"--resume: no sweep named {name!r} under {folder.parent}")
-    plan = load_plan(folder)
-    if plan["uri"] != uri:
-        raise ConfigError(f"--resume: sweep {name} is tracked in {plan['uri']}, not {uri}")
+    plan = RuntimePlan.load(folder)
+    if plan.uri != uri:
+        raise ConfigError(f"--resume: sweep {name} is tracked in {plan.uri}, not {uri}")
     return plan
 
 
-def run_sweep(plan: dict, *, resume: bool, address: str | None) -> tuple[list[dict], dict | None]:
+def run_sweep(plan: RuntimePlan, *, resume: bool, address: str | None) -> tuple[list[dict], dict | None]:
     """Run (or resume) the Tune sweep for ``plan``; the parent run always ends closed."""
     from encmm.orchestrator.ray_cluster import init_ray
 
     init_ray(address)
     if resume:
-        tracking.set_tags(plan["uri"], plan["parent_run_id"], {"encmm.resumed": "true"})
-        tracking.set_status(plan["uri"], plan["parent_run_id"], "RUNNING")
-        tracking.close_runs_if_process_dies(plan["uri"], [plan["parent_run_id"]], children_of=[plan["parent_run_id"]])
+        tracking.set_tags(plan.uri, plan.parent_run_id, {"encmm.resumed": "true"})
+        tracking.set_status(plan.uri, plan.parent_run_id, "RUNNING")
+        tracking.close_runs_if_process_dies(plan.uri, [plan.parent_run_id], children_of=[plan.parent_run_id])
     interrupted = False
     try:
         from encmm.orchestrator.sweep import TRIAL_STARTED
@@ -492,16 +493,21 @@ def run_sweep(plan: dict, *, resume: bool, address: str | None) -> tuple[list[di
     except KeyboardInterrupt:
         interrupted = True
     except BaseException as exc:
-        tracking.end_run(plan["uri"], plan["parent_run_id"], "FAILED", error=f"{exc.__class__.__name__}: {exc}")
+        tracking.end_run(plan.uri, plan.parent_run_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}")
         raise
     return finish_sweep(plan, interrupted)
 
 
-def fit_tuner(plan: dict, resume: bool) -> None:
+def fit_tuner(plan: RuntimePlan, resume: bool) -> None:
     """Build and fit the Tuner, then log Tune's own wall time (start-up, every trial's process, training,
     teardown) on the parent run: the bench's per-trial figure."""
     from encmm.orchestrator.sweep import build_tuner
 
+    if os.environ.get("ENCMM_VERBOSE", "") in ("", "0"):
+        # Tune's console output engine prints its experiment box, results folder and a TensorBoard hint
+        # even at verbose=0; its legacy engine (Ray's documented switch) prints nothing at verbose=0.
+        # encmm's own SweepProgress line says what the sweep is doing.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started = time.time()
     build_tuner(plan, restore=resume).fit()
-    tracking.log_metrics(plan["uri"], plan["parent_run_id"], {"time/tune_s": time.time() - started})
+    tracking.log_metrics(plan.uri, plan.parent_run_id, {"time/tune_s": time.time() - started})

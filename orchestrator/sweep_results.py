@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from encmm.orchestrator import tracking
 from encmm.orchestrator.sweep_config import ARM
 
 
-def summarize(plan: dict) -> tuple[list[dict], dict | None]:
-    """One row per child run (from MLflow, the source of truth); the best FINISHED row by best val/acc1."""
-    runs = tracking.find_runs(plan["uri"], plan["experiment"], {"encmm.parent_run_id": plan["parent_run_id"]})
+def summarize(
+    uri: str, experiment: str, parent_run_id: str, axes: Iterable[str] = ()
+) -> tuple[list[dict], dict | None]:
+    """One row per child run of ``parent_run_id`` (from MLflow, the source of truth), with a column per
+    search axis in ``axes``; the best FINISHED row by best val/acc1."""
+    runs = tracking.find_runs(uri, experiment, {"encmm.parent_run_id": parent_run_id})
     rows = []
-    axes = list(plan["search"].get("grid", {})) + list(plan["search"].get("sample", {}))
     assignment_of = lambda run: json.loads(run.data.tags.get("encmm.assignment", "{}"))  # noqa: E731
     for run in sorted(runs, key=lambda r: r.data.tags.get("encmm.trial_id", "")):
         m, p = run.data.metrics, run.data.params

@@ -6,7 +6,9 @@ create the MLflow run and the output folder, so bad input leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import signal
 import threading
 import time
@@ -30,6 +32,9 @@ from encmm.trainables.config import (
     with_absolute_paths,
 )
 from encmm.trainables.preflight import check_train_config
+
+log = logging.getLogger(__name__)
+PROGRESS_POLL_S = 2.0
 
 
 def resolve_teacher_checkpoint(cfg: TrainConfig, uri: str, source: str) -> str | None:
@@ -75,6 +80,38 @@ def write_resolved_config(cfg: TrainConfig, folder: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def epoch_progress(uri: str, run_id: str, label: str, epochs: int, poll_s: float = PROGRESS_POLL_S):
+    """While the body runs, one ``label: epoch k/N, val/acc1 ...`` line per epoch the run has logged.
+
+    The epochs run on a Train worker (its own process, possibly another node), which logs each epoch's
+    metrics to the run: this thread reads them back from MLflow, the one channel both sides share."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        shown = -1
+        while True:
+            stopped = stop.wait(poll_s)
+            try:
+                history = tracking.metric_history(uri, run_id, "val/acc1")
+            except Exception:  # noqa: BLE001 - progress lines are best effort; the run's own errors surface
+                history = []
+            for step, value in history:
+                if step > shown:
+                    log.info(f"{label}: epoch {step + 1}/{epochs}, val/acc1 {value:.2f}")
+                    shown = step
+            if stopped:
+                return
+
+    thread = threading.Thread(target=watch, name="encmm-epoch-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def fit_and_release(trainer) -> object:
     """``trainer.fit()``, then give back the SIGINT handler Train installs on the main thread: its closure
     holds the Train controller's actor handle, which would keep that actor (~0.7 GB) alive for the rest
@@ -93,14 +130,13 @@ def run_train(
     *,
     teacher_checkpoint: str | None = None,
     address: str | None = None,
-    inject_failure: dict | None = None,
     tags: dict | None = None,
+    progress_label: str | None = None,
 ) -> dict:
     """Run one validated config on Ray Train; returns the final metrics. Ends the MLflow run in all cases."""
+    from encmm.trainables.execution import Execution
     from encmm.trainables.ray_worker import BEST_FILE, build_trainer, final_metrics
 
-    if cfg.resources.local_mode == "auto":  # a lone run has no Tune retry: keep Ray Train's worker restarts
-        cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"local_mode": "off"})})
     init_ray(address)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(cfg.tracking.output_dir)
@@ -122,9 +158,10 @@ def run_train(
             storage_path=str(storage),
             log=logger,
             teacher_checkpoint=teacher_checkpoint,
-            inject_failure=inject_failure,
+            execution=Execution.of(cfg.resources, lone_run=True),  # no Tune retry: Ray Train restarts workers
         )
-        final = final_metrics(fit_and_release(trainer))
+        with epoch_progress(uri, run_id, progress_label or f"[{cfg.name}]", cfg.schedule.epochs):
+            final = final_metrics(fit_and_release(trainer))
         logger.flush()  # metrics spooled while the store was unreachable, with MLflow's own retries
         best = run_dir / BEST_FILE
         if best.is_file():

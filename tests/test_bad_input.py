@@ -96,6 +96,12 @@ def sweep_plan_outside_the_sweeps_folder(folder: Path) -> None:
     (folder / "encmm-runs" / "x" / "sweep.json").write_text('{"uri": "sqlite:///elsewhere.db"}')
 
 
+def sweep_plan_missing_its_fields(folder: Path) -> None:
+    """A saved plan that a crash truncated or another tool wrote: read back, it is refused, not half-used."""
+    (folder / "encmm-runs" / "sweeps" / "half").mkdir(parents=True)
+    (folder / "encmm-runs" / "sweeps" / "half" / "sweep.json").write_text('{"name": "half", "total_trials": "x"}')
+
+
 def random_bytes(name: str) -> Callable[[Path], None]:
     return lambda folder: (folder / name).write_bytes(np.random.default_rng(0).bytes(256))
 
@@ -256,6 +262,14 @@ CASES = [
         ("ok.yaml", "--resume", "../x"),
         ("--resume", "'../x'"),
         (text("ok.yaml", sweep_yaml()), sweep_plan_outside_the_sweeps_folder),
+    ),
+    Case(
+        "sweep-resume-plan-that-is-not-one",
+        "sweep",
+        ("ok.yaml", "--resume", "half"),
+        ("sweep.json", "not a sweep plan", "Field required"),
+        (text("ok.yaml", sweep_yaml()), sweep_plan_missing_its_fields),
+        store=True,
     ),
     # ------------------------------------------------------------------------------------- diagnose
     Case(

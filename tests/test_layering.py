@@ -8,7 +8,8 @@ import sys
 sys.modules["ray"] = None      # any `import ray...` now raises ImportError
 sys.modules["mlflow"] = None
 import encmm.trainables.config, encmm.trainables.data, encmm.trainables.models, encmm.trainables.losses
-import encmm.trainables.teacher, encmm.trainables.engine, encmm.trainables.preflight
+import encmm.trainables.teacher, encmm.trainables.engine, encmm.trainables.preflight, encmm.trainables.execution
+import encmm.orchestrator.sweep_config, encmm.orchestrator.sweep_plan
 import encmm.analysis.spectra, encmm.analysis.features, encmm.analysis.plots
 print("ok")
 """

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_worker_killed_mid_epoch_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(
-    ray_cluster, tmp_path, tracking_uri, monkeypatch
+    ray_cluster, tmp_path, tracking_uri, monkeypatch, inject_fault
 ):
     from mlflow.tracking import MlflowClient
 
@@ -29,11 +29,8 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint_and_matches_an_unin
     ]
     marker = tmp_path / "killed.pid"
     # Rank 0 is SIGKILLed when it reaches batch 3 of epoch 1 (epoch 0's checkpoint is committed by then).
-    killed = run_train(
-        with_absolute_paths(load_train_config(None, [*overrides, "name=ray-killed"])),
-        tracking_uri,
-        inject_failure={"epoch": 1, "batch": 3, "marker": str(marker)},
-    )
+    inject_fault("ray-killed", match={"name": "ray-killed"}, epoch=1, batch=3, marker=marker)
+    killed = run_train(with_absolute_paths(load_train_config(None, [*overrides, "name=ray-killed"])), tracking_uri)
     straight = run_train(with_absolute_paths(load_train_config(None, [*overrides, "name=ray-straight"])), tracking_uri)
 
     assert marker.exists(), "the fault was never injected"

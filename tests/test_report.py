@@ -64,10 +64,10 @@ def tiny_sweep(ray_cluster, tmp_path_factory):
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED"]
     return {
         "uri": uri,
-        "name": plan["name"],
-        "parent": plan["parent_run_id"],
+        "name": plan.name,
+        "parent": plan.parent_run_id,
         "folder": folder,
-        "experiment": plan["experiment"],
+        "experiment": plan.experiment,
     }
 
 

@@ -90,7 +90,7 @@ def test_every_shipped_train_config_is_valid():
 
 @pytest.mark.ray
 def test_two_trial_sweep_survives_a_killed_trial_and_a_diverging_one_and_reuses_its_teacher(
-    ray_cluster, tmp_path, monkeypatch, tracking_uri
+    ray_cluster, tmp_path, monkeypatch, tracking_uri, inject_fault
 ):
     """Trial lr=0.003 has its process SIGKILLed mid-epoch 1: Tune retries it and it resumes from its epoch-0
     checkpoint. Trial lr=1e30 diverges to a NaN loss: its run ends FAILED with the reason, the sweep goes on."""
@@ -121,12 +121,12 @@ def test_two_trial_sweep_survives_a_killed_trial_and_a_diverging_one_and_reuses_
     setup = sc.prepare_sweep(str(sweep_file), [], tracking_uri)
     plan = sc.start_sweep(setup, None)
     marker = tmp_path / "killed.pid"
-    plan["inject_failure"] = {"optim.lr=0.003": {"epoch": 1, "batch": 3, "marker": str(marker)}}
+    inject_fault("lr-0.003", match={"optim.lr": 0.003}, epoch=1, batch=3, marker=marker)
     rows, best = sc.run_sweep(plan, resume=False, address=None)
 
     assert marker.exists(), "the fault was never injected"
     client = MlflowClient(tracking_uri)
-    parent = client.get_run(plan["parent_run_id"])
+    parent = client.get_run(plan.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert {"summary.csv", "summary.md", "sweep.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "teacher/svd_rank_p99/0.99" in parent.data.metrics
@@ -155,7 +155,7 @@ def test_two_trial_sweep_survives_a_killed_trial_and_a_diverging_one_and_reuses_
     assert "non-finite loss in epoch 0" in diverged.data.tags["encmm.error"]
     assert best is not None and best["run_id"] == good.info.run_id
     # The teacher was trained once, tagged by its config hash, and is found again instead of retrained.
-    assert sc.ensure_teacher(setup, None) == plan["base"]["teacher"]["run_id"]
+    assert sc.ensure_teacher(setup, None) == plan.base["teacher"]["run_id"]
 
 
 @pytest.mark.ray

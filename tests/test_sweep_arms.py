@@ -96,11 +96,7 @@ def test_bad_arms_and_claims_are_one_line_errors(tmp_path, body, message):
 
 def test_the_teacher_is_looked_up_through_the_first_arm_that_uses_it():
     cfg, _ = load_sweep_config(EXPERIMENTS / "digits-claims.yaml")
-    plan = {
-        "base": {**cfg.base, "teacher": {"source": "run", "run_id": "r"}},
-        "search": cfg.search.model_dump(mode="json"),
-    }
-    probe = teacher_trial_config(plan)
+    probe = teacher_trial_config({**cfg.base, "teacher": {"source": "run", "run_id": "r"}}, cfg.search)
     assert probe.kd.uses_teacher and probe.kd.beta == 0.0  # logit_kd: the CE-only arm comes first
 
 

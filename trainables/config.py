@@ -192,12 +192,6 @@ class ResourcesConfig(_Strict):
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
 
-    @property
-    def runs_local(self) -> bool:
-        if self.local_mode == "auto":
-            return self.workers == 1 and not self.use_gpu
-        return self.local_mode == "on"
-
     @model_validator(mode="after")
     def _check_local_mode(self) -> ResourcesConfig:
         if self.local_mode == "on" and self.workers != 1:

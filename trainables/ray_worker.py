@@ -8,13 +8,9 @@ the caller (``encmm train`` or a Tune trial) calls ``fit()``.
 A Train run with the same ``(storage_path, name)`` resumes from its last checkpoint by itself.
 Rank 0 also writes ``best.pt`` into ``<storage>/<name>/`` (shared storage on a cluster).
 
-Local mode (``resources.local_mode``, auto for one CPU worker): ``ScalingConfig(num_workers=0)`` runs
-the loop inside the calling process (the Tune trial driver, or ``encmm train``) with no controller or
-worker actor to start. Ray Train then keeps reported checkpoints in memory only, never calls the
-RunConfig callbacks, and does not restart a failed worker, so the loop commits each epoch's checkpoint
-to ``<storage>/<name>/checkpoint.pt`` itself (a retried Tune trial resumes from it) and hands each
-epoch's metrics to ``report_fn`` (``ray.tune.report`` in a sweep, where ``TuneReportCallback`` would
-otherwise forward them).
+How the run executes, on worker actors or in Train local mode inside the calling process, and what that
+changes (resources, reporting, resume, restarts, callbacks) is ``trainables.execution``; the two loop
+set-ups below are the Ray side of it.
 
 MLflow conventions, from rank 0 (the process that trains) when ``log`` is encmm's ``RunLogger``: around the
 epochs ``log.track_training`` names the run's datasets and samples system metrics; after the last epoch
@@ -27,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +44,7 @@ from encmm.trainables.engine import (
     save_checkpoint,
     setup_training,
 )
+from encmm.trainables.execution import Execution
 
 console = logging.getLogger(__name__)  # the worker's own lines (Ray's log files; the console with --verbose)
 
@@ -56,29 +52,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 HEALTH_CHECK_INTERVAL_S = 0.5  # Ray Train default 2.0; a missed poll only counts after 10 min
 BEST_FILE = "best.pt"
 
-
 NONFINITE_KEY = "encmm/nonfinite"  # in the loop's return value: the run stopped on a NaN/inf loss
 
-
-class FaultInjectingLoader:
-    """Fault injection for tests: wraps the train loader and SIGKILLs this process when it is about
-    to yield batch ``fault["batch"]`` of epoch ``fault["epoch"]`` (mid-epoch, after the previous epoch's
-    checkpoint was committed), on rank ``fault.get("rank", 0)``, once per ``fault["marker"]`` file."""
-
-    def __init__(self, loader, fault: dict):
-        self.loader, self.fault = loader, fault
-        self.sampler, self.dataset = loader.sampler, loader.dataset
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        marker = Path(self.fault["marker"])
-        for index, batch in enumerate(self.loader):
-            if self.sampler.epoch == self.fault["epoch"] and index == self.fault["batch"] and not marker.exists():
-                marker.write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
-            yield batch
+EpochEnd = Callable[[int, dict, bool, TrainingState], None]
 
 
 def committed_checkpoints(run_dir: Path, latest: Path) -> list[Path]:
@@ -88,56 +64,44 @@ def committed_checkpoints(run_dir: Path, latest: Path) -> list[Path]:
     return [latest] + [p for p in older if p.parent.resolve() != latest.parent.resolve()]
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict:
-    """Runs on every DDP rank. ``config``: train (json dump), log (rank-0 callable), run_dir, local, ..."""
-    cfg = TrainConfig.model_validate(config["train"])
-    local = config.get("local", False)
-    run_dir = Path(config["run_dir"])
-    # Inside a Tune trial Ray's ``ray.train.*`` calls raise in local mode (Train V2 defers to ``ray.tune``
-    # there): a local loop is rank 0 and reports through ``report_fn`` when it has one.
-    rank = 0 if local else ray.train.get_context().get_world_rank()
-    if local:  # one process, no DDP: the engine's own device choice (Ray sets CUDA_VISIBLE_DEVICES if any)
-        state = setup_training(
-            cfg,
-            device=resolve_device(cfg.resources.gpus_per_worker),
-            teacher_checkpoint=config.get("teacher_checkpoint"),
-        )
-        found = load_resume_checkpoint([run_dir / CHECKPOINT_FILE])
-    else:
-        device = ray.train.torch.get_device()
-        state = setup_training(
-            cfg,
-            device=device,
-            teacher_checkpoint=config.get("teacher_checkpoint"),
-            wrap_model=lambda module: ray.train.torch.prepare_model(module, move_to_device=device),
-        )
-        found = None
-        if (latest := ray.train.get_checkpoint()) is not None:
-            with latest.as_directory() as folder:  # a download when the storage is remote
-                found = load_resume_checkpoint(committed_checkpoints(run_dir, Path(folder) / CHECKPOINT_FILE))
-    start_epoch = 0
-    if found:
-        start_epoch = restore_state(state, found[0])
-        if rank == 0:
-            console.warning(f"encmm: resuming {cfg.name} at epoch {start_epoch} from {found[1]}")
-    fault = config.get("inject_failure")
-    if fault and rank == fault.get("rank", 0):
-        state.train_loader = FaultInjectingLoader(state.train_loader, fault)
-    log: Callable | None = config.get("log") if rank == 0 else None
-    report_fn: Callable | None = config.get("report_fn")
+def start_in_process(cfg: TrainConfig, run_dir: Path, teacher_checkpoint: str | None, report_fn: Callable | None):
+    """Train local mode: one process, no DDP, the engine's own device choice (Ray sets CUDA_VISIBLE_DEVICES).
+    Train keeps reported checkpoints in memory only here, so each epoch's is committed to
+    ``<run_dir>/checkpoint.pt`` by the loop (a retried Tune trial resumes from it). Inside a Tune trial
+    ``ray.train.*`` calls raise (Train V2 defers to ``ray.tune``): the metrics go to ``report_fn``."""
+    state = setup_training(
+        cfg, device=resolve_device(cfg.resources.gpus_per_worker), teacher_checkpoint=teacher_checkpoint
+    )
+    found = load_resume_checkpoint([run_dir / CHECKPOINT_FILE])
 
-    def report_local(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
+    def on_epoch_end(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
         ckpt = checkpoint_state(state, epoch, metrics)
         # Committed (atomic rename, the previous one kept as a fallback) before the next epoch.
         save_checkpoint(ckpt, run_dir / CHECKPOINT_FILE, keep_previous=True)
         if is_best:
             save_checkpoint(ckpt, run_dir / BEST_FILE)
-        if report_fn is not None:
-            report_fn(metrics)
-        else:
-            ray.train.report(metrics)  # the Result's metrics (encmm train)
+        (report_fn or ray.train.report)(metrics)  # ray.train.report: the Result's metrics (encmm train)
 
-    def report(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
+    return state, 0, found, on_epoch_end
+
+
+def start_on_worker_actor(cfg: TrainConfig, run_dir: Path, teacher_checkpoint: str | None):
+    """One DDP rank on a Train worker actor: resume from Train's last committed checkpoint (older ones kept
+    in ``run_dir`` are the fallback) and report each epoch's checkpoint for the controller to commit."""
+    device = ray.train.torch.get_device()
+    rank = ray.train.get_context().get_world_rank()
+    state = setup_training(
+        cfg,
+        device=device,
+        teacher_checkpoint=teacher_checkpoint,
+        wrap_model=lambda module: ray.train.torch.prepare_model(module, move_to_device=device),
+    )
+    found = None
+    if (latest := ray.train.get_checkpoint()) is not None:
+        with latest.as_directory() as folder:  # a download when the storage is remote
+            found = load_resume_checkpoint(committed_checkpoints(run_dir, Path(folder) / CHECKPOINT_FILE))
+
+    def on_epoch_end(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             reported = None
             if rank == 0:
@@ -151,10 +115,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
         # resumes after this epoch, so at most the epoch in flight is repeated.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
+    return state, rank, found, on_epoch_end
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict:
+    """Runs on every DDP rank. ``config``: train (json dump), log (rank-0 callable), run_dir, in_process, ..."""
+    cfg = TrainConfig.model_validate(config["train"])
+    run_dir = Path(config["run_dir"])
+    teacher_checkpoint = config.get("teacher_checkpoint")
+    if config.get("in_process", False):
+        state, rank, found, on_epoch_end = start_in_process(cfg, run_dir, teacher_checkpoint, config.get("report_fn"))
+    else:
+        state, rank, found, on_epoch_end = start_on_worker_actor(cfg, run_dir, teacher_checkpoint)
+    start_epoch = 0
+    if found:
+        start_epoch = restore_state(state, found[0])
+        if rank == 0:
+            console.warning(f"encmm: resuming {cfg.name} at epoch {start_epoch} from {found[1]}")
+    log: Callable | None = config.get("log") if rank == 0 else None
     tracked = rank == 0 and hasattr(log, "track_training")  # encmm's RunLogger, not a plain callable
     try:
         with log.track_training(cfg.data.model_dump(mode="json")) if tracked else contextlib.nullcontext():
-            final = run_epochs(state, start_epoch, log=log, on_epoch_end=report_local if local else report)
+            final = run_epochs(state, start_epoch, log=log, on_epoch_end=on_epoch_end)
     except NonFiniteLossError as exc:
         # Every rank detects it at the same step. Retrying would diverge again from the same checkpoint:
         # end the loop normally and let the driver fail the run with this reason.
@@ -180,48 +162,46 @@ def build_trainer(
     teacher_checkpoint: str | None = None,
     callbacks: list | None = None,
     report_fn: Callable[[dict], None] | None = None,
-    inject_failure: dict | None = None,
+    execution: Execution | None = None,
 ) -> ray.train.torch.TorchTrainer:
     """A ``TorchTrainer`` for ``cfg`` whose checkpoints live in ``storage_path/run_name``.
 
-    ``callbacks`` (Train ``UserCallback``s) serve worker-actor runs; ``report_fn(metrics)`` is what a
-    local-mode run (``cfg.resources.runs_local``) calls after each epoch instead. The loop returns the
-    last epoch's metrics (``Result.return_value``; a local run given ``report_fn`` has no ``Result.metrics``).
+    ``execution`` (default: what ``cfg.resources`` asks for in a sweep) says whether it trains on worker
+    actors, where ``callbacks`` (Train ``UserCallback``s) run, or in local mode, where the loop calls
+    ``report_fn(metrics)`` after each epoch instead. The loop returns the last epoch's metrics
+    (``Result.return_value``; a local run given ``report_fn`` has no ``Result.metrics``).
     """
-    res = cfg.resources
-    local = res.runs_local
+    execution = execution or Execution.of(cfg.resources)
     # Train's controller collects reports (and commits checkpoints) on its health-check tick, 2 s by
     # default; every epoch waits for its commit, so the tick is idle time per epoch. Propagated by Ray
     # to the controller it starts from this process; a value set by the user wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
-    per_worker = {"CPU": res.cpus_per_worker}
-    if res.use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker
     loop_config = {
         "train": cfg.model_dump(mode="json"),
         "log": log,
         "teacher_checkpoint": teacher_checkpoint,
         "run_dir": str(Path(storage_path) / run_name),
-        "inject_failure": inject_failure,
-        "local": local,
-        "report_fn": report_fn if local else None,
+        "in_process": execution.in_process,
+        "report_fn": report_fn if execution.in_process else None,
     }
     scaling = (
         ray.train.ScalingConfig(num_workers=0)
-        if local
-        else ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+        if execution.in_process
+        else ray.train.ScalingConfig(
+            num_workers=execution.workers, use_gpu=execution.use_gpu, resources_per_worker=execution.worker_bundle()
+        )
     )
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling,
-        torch_config=ray.train.torch.TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if execution.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=execution.worker_restarts),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=None if local else (callbacks or None),
+            callbacks=(callbacks or None) if execution.reports_through_callbacks else None,
         ),
     )
 
