@@ -79,7 +79,7 @@ class SweepResult:
         parent_run_id: the MLflow parent run; every trial is a child run of it.
         status: how the parent run ended: ``FINISHED`` (at least one trial finished), ``FAILED`` (none did)
             or ``KILLED`` (interrupted, or trials left unfinished: finish them with ``resume=name``).
-        rows: one dict per trial (``sweep_command.summarize``): ``trial``, ``status``, ``run_id``, ``arm``,
+        rows: one dict per trial (``sweep_results.summarize``): ``trial``, ``status``, ``run_id``, ``arm``,
             ``student.remedy``, ``student.width``, ``kd.alpha``, ``kd.beta``, ``seed``, the search axes,
             ``best/val/acc1``, ``val/acc1``, ``params_inference`` and the ``diag/*`` mismatch metrics.
             ``pandas.DataFrame(result.rows)`` makes it a table.

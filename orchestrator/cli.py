@@ -325,6 +325,8 @@ def ui(
         code = run_ui(host, port, tracking_uri, sweep, echo=lambda line: typer.echo(line))
     except (ConfigError, TrackingError) as exc:
         fail(str(exc))
+    if code > 128:  # stopped by SIGTERM / SIGHUP: the conventional 128 + signal, no error line
+        raise SystemExit(code)
     if code:
         fail(f"mlflow server exited with code {code}", 1)
 

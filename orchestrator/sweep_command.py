@@ -32,7 +32,7 @@ from encmm.orchestrator.sweep_config import (
     trial_config_dict,
     validate_trials,
 )
-from encmm.orchestrator.sweep_plan import PLAN_FILE, RuntimePlan, timestamped
+from encmm.orchestrator.sweep_plan import PLAN_FILE, RuntimePlan, new_sweep_dir
 from encmm.orchestrator.sweep_results import summarize, write_summary
 from encmm.orchestrator.training import resolve_teacher_checkpoint
 from encmm.trainables.config import (
@@ -317,7 +317,7 @@ def open_sweep_run(setup: SweepSetup, teacher_run_id: str | None) -> SweepRun:
             {**probe.model_dump(mode="json"), "teacher": {"source": "run", "run_id": teacher_run_id}}
         )
     teacher_checkpoint = resolve_teacher_checkpoint(probe, setup.uri, setup.source)
-    sweep_dir = Path(probe.tracking.output_dir) / "sweeps" / timestamped(setup.cfg.name)
+    sweep_dir = new_sweep_dir(Path(probe.tracking.output_dir) / "sweeps", setup.cfg.name)
     parent_run_id = tracking.start_run(
         setup.uri,
         probe.tracking.experiment,

@@ -56,5 +56,16 @@ class RuntimePlan(_Strict):
             raise ConfigError(f"{path}: cannot read the sweep plan: {exc.strerror or exc}") from exc
 
 
-def timestamped(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def new_sweep_dir(root: Path, name: str) -> Path:
+    """A folder of its own for a new sweep: ``<root>/<name>-<YYYYmmdd-HHMMSS>``, made here, atomically; a
+    sweep started in the same second from the same folder gets ``-2``, ``-3``, ... (its name is the folder's)."""
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for attempt in range(1, 1000):
+        folder = root / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{root}: 999 sweeps named {stamp} already; wait a second")

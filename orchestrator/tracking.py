@@ -396,6 +396,11 @@ def find_sweep_run(uri: str, name_or_id: str):
     )
     if not runs:
         raise TrackingError(f"no sweep named {name_or_id!r} (and no sweep run with that id) in {uri}")
+    if len(runs) > 1:  # two sweeps that chose the same name (other folders, one store): never pick one
+        ids = ", ".join(run.info.run_id for run in runs)
+        raise TrackingError(
+            f"sweep name {name_or_id!r} is ambiguous in {uri}: {len(runs)} sweep runs have it ({ids}); give a run id"
+        )
     return runs[0]
 
 

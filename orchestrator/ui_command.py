@@ -7,10 +7,13 @@ those directly (``--no-serve-artifacts``: no proxy that would resolve them again
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -92,6 +95,48 @@ def stop_server(process: subprocess.Popen) -> None:
             continue
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A :class:`ConfigError` when ``host:port`` cannot be bound (another server holds it), before anything
+    starts. The probe binds as the server will (``SO_REUSEADDR``, so a port in TIME_WAIT counts as free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"--port {port}: {host}:{port} is in use ({exc.strerror or exc}); "
+                "stop what holds it or pick another --port"
+            ) from exc
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (systemd, docker, a scheduler, a closed terminal): stop as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_termination():
+    """Within the body, SIGTERM and SIGHUP raise :class:`Stopped` (in the main thread), so that ``finally``
+    blocks run and what was started is stopped; the previous handlers are restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def server_url(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
@@ -108,7 +153,8 @@ def run_ui(
     sweep: str | None = None,
     echo=print,
 ) -> int:
-    """Serve until Ctrl-C (or until the server dies); returns the server's exit code (0 on Ctrl-C)."""
+    """Serve until Ctrl-C, SIGTERM or SIGHUP (or until the server dies); the server and its workers are
+    stopped in every case. Returns the server's exit code: 0 on Ctrl-C, 128 + the signal on SIGTERM/SIGHUP."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_tracking(uri)
     if uri.startswith(("http://", "https://")):  # a server already: nothing to start
@@ -116,15 +162,19 @@ def run_ui(
         return 0
     if sweep:
         tracking.find_sweep_run(uri, sweep)  # unknown sweep: fail before starting anything
+    check_port_free(host, port)
     base = server_url(host, port)
-    process = start_server(uri, host, port)
-    try:
-        wait_healthy(base, process)
-        echo(f"MLflow UI on {uri}")
-        echo(experiment_url(base, uri, sweep))
-        echo("Ctrl-C to stop")
-        return process.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop_server(process)
+    with stop_on_termination():
+        process = start_server(uri, host, port)
+        try:
+            wait_healthy(base, process)
+            echo(f"MLflow UI on {uri}")
+            echo(experiment_url(base, uri, sweep))
+            echo("Ctrl-C to stop")
+            return process.wait()
+        except Stopped as stopped:
+            return 128 + stopped.signum
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            stop_server(process)

@@ -212,9 +212,14 @@ def kill_groups(pids) -> None:
 # ------------------------------------------------------------------------------ 1. encmm ui on 127.0.0.1
 @needs_proc
 @pytest.mark.server
-def test_encmm_ui_serves_mlflow_on_127_0_0_1_only_by_default_and_ctrl_c_stops_it(shared_store, tmp_path):
+@pytest.mark.parametrize("stop_with, exit_code", [(signal.SIGINT, 0), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_encmm_ui_serves_mlflow_on_127_0_0_1_only_by_default_and_ctrl_c_stops_it(
+    shared_store, tmp_path, stop_with, exit_code
+):
     """``encmm ui`` as a user runs it (no ``--host``), in its own process: the server it starts answers
-    ``/health`` on 127.0.0.1, and every socket encmm and its server processes listen on is loopback."""
+    ``/health`` on 127.0.0.1, and every socket encmm and its server processes listen on is loopback.
+    Ctrl-C, and SIGTERM / SIGHUP as systemd, docker or a closed terminal send them, stop the server and
+    every worker of it, and free the port."""
     port = free_port()
     command = [
         sys.executable,
@@ -260,16 +265,33 @@ def test_encmm_ui_serves_mlflow_on_127_0_0_1_only_by_default_and_ctrl_c_stops_it
         beyond = [entry for entry in opened if not is_loopback(ipaddress.ip_address(entry[1]))]
         assert beyond == [], f"listening beyond loopback: {beyond}"
 
-        ui.send_signal(signal.SIGINT)  # Ctrl-C
-        assert ui.wait(timeout=60) == 0, "".join(output)
+        seen |= process_tree(ui.pid)  # the server's own workers (uvicorn, huey) by now
+        ui.send_signal(stop_with)
+        assert ui.wait(timeout=60) == exit_code, "".join(output)
         reader.join(timeout=20)
-        assert not [p for _, p, _ in listening_sockets() if p == port], "the server outlived Ctrl-C"
-        assert not [pid for pid in server_pids if "mlflow" in cmdline(pid)], "server processes outlived Ctrl-C"
+        assert not [p for _, p, _ in listening_sockets() if p == port], f"the server outlived {stop_with.name}"
+        left = [pid for pid in seen if pid != ui.pid and cmdline(pid)]
+        assert not left, f"processes outlived {stop_with.name}: {[cmdline(pid) for pid in left]}"
     finally:
         if ui.poll() is None:
             ui.kill()
             ui.wait()
         kill_groups(pid for pid in seen if "mlflow" in cmdline(pid))
+
+
+def test_encmm_ui_on_a_port_already_in_use_exits_2_in_one_line_and_starts_nothing(tmp_path):
+    """Another server holds the port: encmm must not print that server's URL as its own."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = CliRunner().invoke(
+            app, ["ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+        )
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and f"--port {port}" in lines[0] and "in use" in lines[0], result.stderr
+    assert result.stdout == ""
 
 
 # --------------------------------------------------------------------------- 2. local Ray on 127.0.0.1

@@ -67,3 +67,30 @@ def test_a_truncated_plan_is_refused_too(tmp_path):
     path.write_text(path.read_text()[:40])
     with pytest.raises(ConfigError, match="not a sweep plan"):
         RuntimePlan.load(plan.sweep_dir)
+
+
+def test_sweeps_started_in_the_same_second_from_one_folder_get_folders_and_names_of_their_own(tmp_path):
+    from encmm.orchestrator.sweep_plan import new_sweep_dir
+
+    folders = [new_sweep_dir(tmp_path / "sweeps", "digits") for _ in range(3)]
+    assert len({folder.name for folder in folders}) == 3
+    assert all(folder.is_dir() and folder.parent == tmp_path / "sweeps" for folder in folders)
+
+
+def test_a_report_on_a_sweep_name_two_sweeps_share_refuses_and_lists_both(tmp_path):
+    """Two sweeps that chose the same name (started in other folders, tracked in one store)."""
+    from typer.testing import CliRunner
+
+    from encmm.orchestrator import tracking
+    from encmm.orchestrator.cli import app
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tags = {"encmm.kind": "sweep", "encmm.sweep_name": "digits-20261202-130000"}
+    ids = [tracking.start_run(uri, "encmm", "digits-20261202-130000", tags=tags) for _ in range(2)]
+    for run_id in ids:
+        tracking.end_run(uri, run_id, "FINISHED")
+    result = CliRunner().invoke(app, ["report", "digits-20261202-130000", "--tracking-uri", uri])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "ambiguous" in line and all(run_id in line for run_id in ids) and "\n" not in line
+    assert not (tmp_path / "reports").exists()
