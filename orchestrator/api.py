@@ -78,7 +78,7 @@ class SweepResult:
         name: the sweep's run name (``<name>-<timestamp>``): ``encmm.report(name)`` and ``resume=name`` take it.
         parent_run_id: the MLflow parent run; every trial is a child run of it.
         status: how the parent run ended: ``FINISHED`` (at least one trial finished), ``FAILED`` (none did)
-            or ``KILLED`` (interrupted, or trials left unfinished: finish them with ``resume=name``).
+            or ``KILLED`` (trials left unfinished: finish them with ``resume=name``).
         rows: one dict per trial (``sweep_results.summarize``): ``trial``, ``status``, ``run_id``, ``arm``,
             ``student.remedy``, ``student.width``, ``kd.alpha``, ``kd.beta``, ``seed``, the search axes,
             ``best/val/acc1``, ``val/acc1``, ``params_inference`` and the ``diag/*`` mismatch metrics.
@@ -252,6 +252,9 @@ def sweep(
             run or folder is created.
         encmm.TrackingError: the MLflow store cannot be used.
         Exception: the teacher's training or the sweep's set-up failed (their runs end FAILED).
+        KeyboardInterrupt: interrupted (Ctrl-C, a notebook's interrupt, SIGTERM or SIGHUP under ``encmm``):
+            Tune stopped the trials, their runs and the parent ended KILLED and the summary was written;
+            ``sweep(config, resume=name)`` finishes it.
     """
     from encmm.orchestrator import sweep_command as sc
     from encmm.orchestrator import tracking
@@ -259,12 +262,7 @@ def sweep(
     setup = sc.prepare_sweep(config, override_list(overrides), tracking_uri)
     if dry_run:
         return SweepPlan(name=setup.cfg.name, total_trials=sc.trial_count(setup.cfg), text=sc.plan_text(setup, address))
-    if resume:
-        plan = sc.find_sweep(resume, setup.trials[0].tracking.output_dir, setup.uri)
-    else:
-        if not (address or os.environ.get("RAY_ADDRESS")):
-            sc.trials_at_once(setup, sc.local_resources())  # fail before a local Ray cluster starts
-        plan = sc.start_sweep(setup, address)
+    plan = sc.begin_sweep(setup, resume, address)
     rows, best = sc.run_sweep(plan, resume=bool(resume), address=address)
     status = tracking.get_run(plan.uri, plan.parent_run_id).info.status
     return SweepResult(

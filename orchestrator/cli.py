@@ -90,6 +90,14 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def stopped(exc: KeyboardInterrupt, message: str) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP: one ``encmm: ...`` line, exit 128 + the signal (130 for Ctrl-C)."""
+    from encmm.orchestrator.interrupts import exit_code
+
+    typer.echo(f"encmm: {message}", err=True)
+    raise typer.Exit(exit_code(exc))
+
+
 @app.command()
 def train(
     config: Annotated[
@@ -100,6 +108,7 @@ def train(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Train one model (a teacher, or a student distilled from one) as a Ray Train job tracked in MLflow."""
+    from encmm.orchestrator.interrupts import interruptible
     from encmm.orchestrator.tracking import TrackingError
     from encmm.orchestrator.training import prepare_train, run_train
     from encmm.trainables.config import ConfigError
@@ -109,9 +118,10 @@ def train(
     except (ConfigError, TrackingError) as exc:
         fail(str(exc))
     try:
-        result = run_train(cfg, uri, teacher_checkpoint=teacher_checkpoint, address=address)
-    except KeyboardInterrupt:
-        fail("interrupted; the MLflow run is marked KILLED", 130)
+        with interruptible():
+            result = run_train(cfg, uri, teacher_checkpoint=teacher_checkpoint, address=address)
+    except KeyboardInterrupt as exc:
+        stopped(exc, "interrupted; the MLflow run is marked KILLED")
     except Exception as exc:  # noqa: BLE001 - the run is already FAILED in MLflow; say why in one line
         fail(f"training failed: {describe_error(exc)}", 1)
     typer.echo(
@@ -136,6 +146,8 @@ def sweep(
 ) -> None:
     """Ray Tune sweep over student width x remedy x KD weights; every trial a Ray Train job, every run in MLflow."""
     from encmm.orchestrator import sweep_command as sc
+    from encmm.orchestrator.experiments import DEFAULT_SWEEP
+    from encmm.orchestrator.interrupts import interruptible
     from encmm.orchestrator.tracking import TrackingError
     from encmm.trainables.config import ConfigError
 
@@ -145,19 +157,18 @@ def sweep(
         typer.echo(format_listing(sweeps=True))
         return
 
+    source = config or DEFAULT_SWEEP
     try:
-        setup = sc.prepare_sweep(config, set_ or [], tracking_uri)
-        if dry_run:
-            typer.echo(sc.plan_text(setup, address))
-            return
-        if resume:
-            plan = sc.find_sweep(resume, setup.trials[0].tracking.output_dir, setup.uri)
-        else:
-            if not (address or os.environ.get("RAY_ADDRESS")):
-                sc.trials_at_once(setup, sc.local_resources())  # fail before a local Ray cluster starts
-            plan = sc.start_sweep(setup, address)
+        with interruptible():
+            setup = sc.prepare_sweep(config, set_ or [], tracking_uri)
+            if dry_run:
+                typer.echo(sc.plan_text(setup, address))
+                return
+            plan = sc.begin_sweep(setup, resume, address)
     except (ConfigError, TrackingError) as exc:
         fail(str(exc))
+    except KeyboardInterrupt as exc:  # before the parent run: a teacher run in flight ended KILLED
+        stopped(exc, f"interrupted before the sweep started; nothing to resume: run encmm sweep {source} again")
     except Exception as exc:  # noqa: BLE001 - teacher training or set-up failed; its run is FAILED
         fail(f"sweep set-up failed: {describe_error(exc)}", 1)
     typer.echo(
@@ -165,7 +176,10 @@ def sweep(
         f"{plan.max_concurrent_trials} at once)"
     )
     try:
-        rows, best = sc.run_sweep(plan, resume=bool(resume), address=address)
+        with interruptible():
+            rows, best = sc.run_sweep(plan, resume=bool(resume), address=address)
+    except KeyboardInterrupt as exc:  # the runs in flight and the parent ended KILLED, the summary written
+        stopped(exc, f"interrupted; resume with encmm sweep {source} --resume {plan.name}")
     except Exception as exc:  # noqa: BLE001 - parent run already FAILED; one line for the user
         fail(f"sweep failed: {describe_error(exc)}", 1)
     typer.echo((plan.sweep_dir / "summary.md").read_text())
@@ -173,7 +187,7 @@ def sweep(
     if len(finished) < plan.total_trials:
         typer.echo(
             f"{plan.total_trials - len(finished)} trial(s) not finished; "
-            f"resume with: encmm sweep {config or ''} --resume {plan.name}".replace("  ", " ")
+            f"resume with: encmm sweep {source} --resume {plan.name}"
         )
     if best:
         typer.echo(f"best trial {best['trial']}: best val/acc1 {best['best/val/acc1']}")
@@ -247,6 +261,7 @@ def diagnose(
     """Spectral diagnostics of a model's block outputs (per-image SVD rank, shared PCA rank, subspace rotation,
     token SEP), per layer as Ray tasks; JSON, CSV and PNGs in --out and an MLflow run."""
     from encmm.orchestrator.diagnose_command import DiagnoseOptions, prepare_diagnose, run_diagnose
+    from encmm.orchestrator.interrupts import interruptible
     from encmm.orchestrator.tracking import TrackingError
     from encmm.trainables.config import ConfigError
 
@@ -278,9 +293,10 @@ def diagnose(
     except (ConfigError, TrackingError) as exc:
         fail(str(exc))
     try:
-        result = run_diagnose(plan, address=address)
-    except KeyboardInterrupt:
-        fail("interrupted; the MLflow run is marked KILLED", 130)
+        with interruptible():
+            result = run_diagnose(plan, address=address)
+    except KeyboardInterrupt as exc:
+        stopped(exc, "interrupted; the MLflow run is marked KILLED")
     except Exception as exc:  # noqa: BLE001 - the run is already FAILED in MLflow; say why in one line
         fail(f"diagnose failed: {describe_error(exc)}", 1)
     typer.echo(result["summary"])

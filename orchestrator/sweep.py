@@ -129,6 +129,10 @@ def run_trial(config: dict[str, Any], plan: RuntimePlan) -> None:
     except NonFiniteLossError as exc:
         # Deterministic: a retry would diverge again. The run is FAILED with the reason; the sweep goes on.
         tracking.end_run(uri, run_id, "FAILED", error=f"NonFiniteLossError: {exc}")
+    except (KeyboardInterrupt, SystemExit):
+        # Tune stopping this trial (the sweep was interrupted, or ASHA stopped it): the sweep's driver knows
+        # which, and closes the run (KILLED, or FINISHED stopped early); a retry re-attaches to it.
+        raise
     except BaseException as exc:
         tracking.end_run(uri, run_id, "FAILED", error="".join(traceback.format_exception_only(type(exc), exc)))
         raise

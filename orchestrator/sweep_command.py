@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from typing import Any
 
 from encmm.orchestrator import tracking
 from encmm.orchestrator.experiments import DEFAULT_SWEEP, resolve_experiment
+from encmm.orchestrator.interrupts import Interrupted, graceful
 from encmm.orchestrator.sweep_config import (
     SearchSpace,
     SweepConfig,
@@ -387,6 +389,16 @@ def start_sweep(setup: SweepSetup, address: str | None) -> RuntimePlan:
     return plan
 
 
+def begin_sweep(setup: SweepSetup, resume: str | None, address: str | None) -> RuntimePlan:
+    """The plan to run: the saved one of sweep ``resume``, or a new sweep started now (teacher, parent run).
+    With no cluster address, a local machine too small for one trial is refused before Ray starts."""
+    if resume:
+        return find_sweep(resume, setup.trials[0].tracking.output_dir, setup.uri)
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        trials_at_once(setup, local_resources())
+    return start_sweep(setup, address)
+
+
 def import_tune_side() -> None:
     """Import Ray Tune (``orchestrator.sweep``, ~1.5 s of CPU) while ``ray.init`` waits on the processes it
     starts, instead of before validation ends; should this fail, ``run_sweep`` imports it again and says why."""
@@ -479,7 +491,7 @@ def run_sweep(plan: RuntimePlan, *, resume: bool, address: str | None) -> tuple[
         tracking.set_tags(plan.uri, plan.parent_run_id, {"encmm.resumed": "true"})
         tracking.set_status(plan.uri, plan.parent_run_id, "RUNNING")
         tracking.close_runs_if_process_dies(plan.uri, [plan.parent_run_id], children_of=[plan.parent_run_id])
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
     try:
         from encmm.orchestrator.sweep import TRIAL_STARTED
 
@@ -490,12 +502,15 @@ def run_sweep(plan: RuntimePlan, *, resume: bool, address: str | None) -> tuple[
                 fit_tuner(plan, resume)
             finally:
                 TRIAL_STARTED.set()  # no trial left to start (all done on resume, or Tune stopped): go now
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted = exc
     except BaseException as exc:
         tracking.end_run(plan.uri, plan.parent_run_id, "FAILED", error=f"{exc.__class__.__name__}: {exc}")
         raise
-    return finish_sweep(plan, interrupted)
+    done = finish_sweep(plan, interrupted is not None)
+    if interrupted is not None:  # every run closed KILLED and the summary written: now stop as asked
+        raise interrupted
+    return done
 
 
 def fit_tuner(plan: RuntimePlan, resume: bool) -> None:
@@ -508,6 +523,21 @@ def fit_tuner(plan: RuntimePlan, resume: bool) -> None:
         # even at verbose=0; its legacy engine (Ray's documented switch) prints nothing at verbose=0.
         # encmm's own SweepProgress line says what the sweep is doing.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # On an interrupt Tune warns and suggests ``Tuner.restore(...)``; encmm says how to resume instead.
+        logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C goes to stop_tune, as SIGTERM and SIGHUP do
     started = time.time()
-    build_tuner(plan, restore=resume).fit()
+    with graceful(stop_tune) as received:
+        build_tuner(plan, restore=resume).fit()
+    if received.signum is not None:
+        raise Interrupted(received.signum)
     tracking.log_metrics(plan.uri, plan.parent_run_id, {"time/tune_s": time.time() - started})
+
+
+def stop_tune(signum: int) -> None:
+    """Ask a running ``Tuner.fit()`` to stop as on its own Ctrl-C: it stops the trials, saves the experiment
+    state and returns. Tune listens on SIGUSR1 for that (and on SIGINT unless TUNE_DISABLE_SIGINT_HANDLER,
+    which encmm sets so that SIGINT, SIGTERM and SIGHUP all come here). Before Tune listens: raise."""
+    if not callable(signal.getsignal(signal.SIGUSR1)):
+        raise Interrupted(signum)
+    signal.raise_signal(signal.SIGUSR1)

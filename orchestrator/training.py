@@ -22,6 +22,7 @@ import yaml
 
 from encmm.orchestrator import tracking
 from encmm.orchestrator.experiments import DEFAULT_TRAIN, resolve_experiment
+from encmm.orchestrator.interrupts import Interrupted
 from encmm.orchestrator.ray_cluster import init_ray
 from encmm.trainables.config import (
     TrainConfig,
@@ -115,10 +116,16 @@ def epoch_progress(uri: str, run_id: str, label: str, epochs: int, poll_s: float
 def fit_and_release(trainer) -> object:
     """``trainer.fit()``, then give back the SIGINT handler Train installs on the main thread: its closure
     holds the Train controller's actor handle, which would keep that actor (~0.7 GB) alive for the rest
-    of this process (e.g. the whole sweep after its teacher run)."""
+    of this process (e.g. the whole sweep after its teacher run).
+
+    On Ctrl-C that handler aborts the controller and ends ``fit()`` with ``sys.exit(0)`` (Ray 2.60,
+    ``DataParallelTrainer._register_sigint_handler``); that is the user's interrupt, raised as one.
+    """
     previous = signal.getsignal(signal.SIGINT)
     try:
         return trainer.fit()
+    except SystemExit as exc:
+        raise Interrupted(signal.SIGINT) from exc
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)

@@ -7,18 +7,17 @@ those directly (``--no-serve-artifacts``: no proxy that would resolve them again
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 from encmm.orchestrator import tracking
+from encmm.orchestrator.interrupts import Interrupted, interruptible
 from encmm.trainables.config import ConfigError
 
 HEALTH_TIMEOUT_S = 120.0
@@ -110,33 +109,6 @@ def check_port_free(host: str, port: int) -> None:
             ) from exc
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (systemd, docker, a scheduler, a closed terminal): stop as on Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stop_on_termination():
-    """Within the body, SIGTERM and SIGHUP raise :class:`Stopped` (in the main thread), so that ``finally``
-    blocks run and what was started is stopped; the previous handlers are restored afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise Stopped(signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def server_url(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
@@ -164,7 +136,7 @@ def run_ui(
         tracking.find_sweep_run(uri, sweep)  # unknown sweep: fail before starting anything
     check_port_free(host, port)
     base = server_url(host, port)
-    with stop_on_termination():
+    with interruptible():
         process = start_server(uri, host, port)
         try:
             wait_healthy(base, process)
@@ -172,9 +144,7 @@ def run_ui(
             echo(experiment_url(base, uri, sweep))
             echo("Ctrl-C to stop")
             return process.wait()
-        except Stopped as stopped:
-            return 128 + stopped.signum
-        except KeyboardInterrupt:
-            return 0
+        except Interrupted as stopped:  # Ctrl-C is how the UI is meant to stop: exit 0
+            return 0 if stopped.signum == signal.SIGINT else stopped.exit_code
         finally:
             stop_server(process)
