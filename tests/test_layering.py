@@ -1,4 +1,5 @@
-"""The training core and the spectra math run with Ray and MLflow unavailable."""
+"""The training core, the spectra math and the report's tables / figures / model code run with Ray and MLflow
+unavailable."""
 
 import subprocess
 import sys
@@ -10,6 +11,7 @@ sys.modules["mlflow"] = None
 import encmm.trainables.config, encmm.trainables.data, encmm.trainables.models, encmm.trainables.losses
 import encmm.trainables.teacher, encmm.trainables.engine, encmm.trainables.preflight, encmm.trainables.execution
 import encmm.orchestrator.sweep_config, encmm.orchestrator.sweep_plan
+import encmm.orchestrator.report_tables, encmm.orchestrator.report_figures, encmm.orchestrator.report_models
 import encmm.analysis.spectra, encmm.analysis.features, encmm.analysis.plots
 print("ok")
 """

@@ -21,7 +21,9 @@ from scipy import stats
 from test_sweep import TINY_BASE, write_yaml
 from typer.testing import CliRunner
 
-from encmm.orchestrator import report_command as rc
+from encmm.orchestrator import report_figures as rf
+from encmm.orchestrator import report_models as rm
+from encmm.orchestrator import report_tables as rt
 from encmm.orchestrator import tracking
 from encmm.orchestrator.cli import app
 from encmm.trainables.config import ConfigError
@@ -109,7 +111,7 @@ def test_report_by_name_writes_table_claims_and_plots_and_logs_them_to_the_paren
     assert f"| lift > none | lift | none | {diff:+.2f} | - | inconclusive (n=1/1) |" in result.output
     # mismatch vs accuracy: two trials are too few for a rank correlation, and the report says so
     correlations = read_table(out, "mismatch_vs_top1.csv")
-    assert [c["metric"] for c in correlations] == list(rc.MISMATCH_KEYS)
+    assert [c["metric"] for c in correlations] == list(rt.MISMATCH_KEYS)
     assert all(c["n"] == "2" and c["spearman_rho"] == "" for c in correlations)
     assert "| diag/feat_mse | 2 | - | - |" in result.output
     names = {p.name for p in out.iterdir()}
@@ -211,15 +213,15 @@ def claims_sweep_rows() -> list[dict]:
 
 
 def test_arms_are_rows_in_the_claims_sweep_order_with_student_t_intervals():
-    groups = rc.group_trials(claims_sweep_rows())
-    assert [g.label for g in groups] == list(rc.ARM_ORDER)  # no alpha/width suffix: the arm fixes them
-    table = [rc.table_row(g, None) for g in groups]
-    lift = table[rc.ARM_ORDER.index("lift")]
+    groups = rt.group_trials(claims_sweep_rows())
+    assert [g.label for g in groups] == list(rt.ARM_ORDER)  # no alpha/width suffix: the arm fixes them
+    table = [rt.table_row(g, None) for g in groups]
+    lift = table[rt.ARM_ORDER.index("lift")]
     tops = CLAIMS_ARMS["lift"][1]
     low, high = stats.t.interval(0.95, 2, loc=sum(tops) / 3, scale=stats.sem(tops))
     assert (lift["n"], lift["remedy"], lift["kd.alpha"]) == (3, "lift", "0.9")
     assert lift["top1_best_ci_low"] == pytest.approx(low) and lift["top1_best_ci_high"] == pytest.approx(high)
-    text = rc.format_markdown(table, "claims")
+    text = rt.format_markdown(table, "claims")
     assert f"| lift | lift | 0.9 | 0.2 | 192 | 3 | {sum(tops) / 3:.2f} [{low:.2f}, {high:.2f}] |" in text
     assert "| logit_equal | none | 0.9 | 0.2 | 384 | 1 | 75.00 (n=1) | 74.50 (n=1) |" in text
     assert "± 0.00" not in text
@@ -227,10 +229,10 @@ def test_arms_are_rows_in_the_claims_sweep_order_with_student_t_intervals():
 
 def test_a_declared_arm_order_wins_and_unknown_arms_come_last():
     rows = [trial("zeta", "none", 1.0), trial("lift", "lift", 2.0), trial("alpha_arm", "none", 3.0)]
-    assert [g.base for g in rc.group_trials(rows)] == ["lift", "alpha_arm", "zeta"]
-    assert [g.base for g in rc.group_trials(rows, ["zeta", "lift"])] == ["zeta", "lift", "alpha_arm"]
-    assert rc.read_arm_order({"encmm.arms": json.dumps(["zeta", "lift"])}) == ["zeta", "lift"]
-    assert rc.read_arm_order({}) is None
+    assert [g.base for g in rt.group_trials(rows)] == ["lift", "alpha_arm", "zeta"]
+    assert [g.base for g in rt.group_trials(rows, ["zeta", "lift"])] == ["zeta", "lift", "alpha_arm"]
+    assert rt.read_arm_order({"encmm.arms": json.dumps(["zeta", "lift"])}) == ["zeta", "lift"]
+    assert rt.read_arm_order({}) is None
 
 
 def test_tagged_claims_get_welch_differences_and_verdicts():
@@ -245,7 +247,7 @@ def test_tagged_claims_get_welch_differences_and_verdicts():
             ]
         )
     }
-    claims = rc.evaluate_claims(rc.read_claims(tags, "s"), rc.group_trials(claims_sweep_rows()))
+    claims = rt.evaluate_claims(rt.read_claims(tags, "s"), rt.group_trials(claims_sweep_rows()))
     by_name = {c["claim"]: c for c in claims}
     assert len(claims) == 5
     kd = by_name["logit KD beats CE"]
@@ -259,7 +261,7 @@ def test_tagged_claims_get_welch_differences_and_verdicts():
     assert by_name["equal width feature vs logit"]["p"] is None
     missing = by_name["lift vs an arm that never ran"]
     assert (missing["n_b"], missing["diff"], missing["verdict"]) == (0, None, "inconclusive (n=3/0)")
-    text = rc.format_claims(claims, "tag encmm.claims")
+    text = rt.format_claims(claims, "tag encmm.claims")
     assert f"| logit KD beats CE | logit_kd | ce | {kd['diff']:+.2f} [{kd['diff_ci_low']:+.2f}, " in text
     assert "| equal width feature vs logit | feat_equal | logit_equal | -0.97 | - | inconclusive (n=3/1) |" in text
 
@@ -274,8 +276,8 @@ def test_tagged_claims_get_welch_differences_and_verdicts():
 )
 def test_a_malformed_claims_tag_is_a_config_error_naming_the_tag(tag):
     with pytest.raises(ConfigError, match="tag encmm.claims"):
-        rc.read_claims({"encmm.claims": tag}, "s")
-    assert rc.read_claims({}, "s") is None
+        rt.read_claims({"encmm.claims": tag}, "s")
+    assert rt.read_claims({}, "s") is None
 
 
 def test_a_sweep_without_arms_is_labelled_by_remedy_and_alpha_and_claims_are_made_per_alpha():
@@ -285,9 +287,9 @@ def test_a_sweep_without_arms_is_labelled_by_remedy_and_alpha_and_claims_are_mad
         for alpha in (0.0, 0.9)
         for seed in range(3)
     ]
-    groups = rc.group_trials(rows)
-    assert [g.label for g in groups] == [f"{r} α={a}" for r in rc.REMEDY_ORDER for a in ("0.0", "0.9")]
-    claims = rc.evaluate_claims(rc.default_claims(groups), groups)
+    groups = rt.group_trials(rows)
+    assert [g.label for g in groups] == [f"{r} α={a}" for r in rt.REMEDY_ORDER for a in ("0.0", "0.9")]
+    claims = rt.evaluate_claims(rt.default_claims(groups), groups)
     assert [(c["claim"], c["a"], c["b"], c["verdict"]) for c in claims] == [
         ("lift > none (α=0.0)", "lift α=0.0", "none α=0.0", "supported"),
         ("lift > none (α=0.9)", "lift α=0.9", "none α=0.9", "supported"),
@@ -303,20 +305,20 @@ def test_a_sweep_without_arms_adds_the_width_only_when_it_varies_and_claims_need
     rows = [
         trial(None, remedy, 70.0 + width / 100, width=width) for remedy in ("widelast", "none") for width in (64, 16)
     ]
-    groups = rc.group_trials(rows)
+    groups = rt.group_trials(rows)
     assert [g.label for g in groups] == ["none width 16", "none width 64", "widelast width 16", "widelast width 64"]
     assert [g.legend_without("student.width") for g in groups] == ["none α=0.9"] * 2 + ["widelast α=0.9"] * 2
-    assert [c.name for c in rc.default_claims(groups)] == ["widelast > none"]  # no lift, no uniformwide
-    claims = rc.evaluate_claims(rc.default_claims(groups), groups)
+    assert [c.name for c in rt.default_claims(groups)] == ["widelast > none"]  # no lift, no uniformwide
+    claims = rt.evaluate_claims(rt.default_claims(groups), groups)
     assert [c["claim"] for c in claims] == ["widelast > none (width 16)", "widelast > none (width 64)"]
-    assert [g.label for g in rc.group_trials(rows[:1])] == ["widelast"]
+    assert [g.label for g in rt.group_trials(rows[:1])] == ["widelast"]
 
 
 def test_every_figure_gets_one_colour_per_remedy_and_alpha_in_its_labels():
-    groups = rc.group_trials(claims_sweep_rows())
-    styles = rc.group_styles(groups)
+    groups = rt.group_trials(claims_sweep_rows())
+    styles = rf.group_styles(groups)
     for g in groups:
-        assert styles[g.label]["color"] == rc.REMEDY_COLOURS[g.remedy]
+        assert styles[g.label]["color"] == rf.REMEDY_COLOURS[g.remedy]
         assert f"α={g.alpha}" in g.legend
     same_remedy = [styles[g.label]["marker"] + styles[g.label]["linestyle"] for g in groups if g.remedy == "none"]
     assert len(set(same_remedy)) == len(same_remedy)  # arms sharing a colour still differ
@@ -328,13 +330,13 @@ def test_mismatch_correlations_are_spearman_over_finished_trials(tmp_path):
         for i, (top1, rank) in enumerate([(70.0, 12), (71.0, 15), (72.5, 14), (73.0, 20)])
     ]
     rows[1]["diag/feat_mse"] = None
-    by_metric = {c["metric"]: c for c in rc.mismatch_correlations(rows)}
+    by_metric = {c["metric"]: c for c in rt.mismatch_correlations(rows)}
     ref = stats.spearmanr([12, 15, 14, 20], [70.0, 71.0, 72.5, 73.0])
     svd = by_metric["diag/svd_rank_p99/0.99"]
     assert (svd["n"], svd["spearman_rho"], svd["p"]) == (4, pytest.approx(ref.statistic), pytest.approx(ref.pvalue))
     assert by_metric["diag/feat_mse"]["n"] == 3 and by_metric["diag/feat_mse"]["spearman_rho"] is None  # constant
     assert by_metric["diag/pca_rank_p99/0.99"]["n"] == 0
-    path = rc.plot_mismatch_vs_top1(rc.group_trials(rows), list(by_metric.values()), tmp_path / "scatter.png")
+    path = rf.plot_mismatch_vs_top1(rt.group_trials(rows), list(by_metric.values()), tmp_path / "scatter.png")
     assert path.stat().st_size > 10_000
 
 
@@ -363,7 +365,7 @@ def test_gflops_count_attention_matmuls_and_match_the_closed_form():
         block.attn.fused_attn = True  # what the report's students run with
     image = torch.randn(1, 3, 32, 32)
     expected = vit_flops_closed_form(img=32, patch=8, dim=32, depth=2, classes=10)
-    assert rc.count_gflops(model, image) * 1e9 == pytest.approx(expected, rel=0.01)
+    assert rm.count_gflops(model, image) * 1e9 == pytest.approx(expected, rel=0.01)
     assert all(block.attn.fused_attn for block in model.blocks)  # fusion switched back on afterwards
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -386,7 +388,7 @@ def test_explicit_attention_restores_each_switch_even_when_the_forward_raises():
         num_classes=10,
     )
     model.blocks[0].attn.fused_attn, model.blocks[1].attn.fused_attn = True, False
-    with pytest.raises(RuntimeError), rc.explicit_attention(model):
+    with pytest.raises(RuntimeError), rm.explicit_attention(model):
         assert not any(block.attn.fused_attn for block in model.blocks)
         raise RuntimeError("boom")
     assert [block.attn.fused_attn for block in model.blocks] == [True, False]

@@ -374,7 +374,7 @@ def test_load_checkpoint_file_refuses_the_payload_without_running_it(planted):
 
 
 def test_report_student_loader_refuses_the_payload_without_running_it(planted):
-    from encmm.orchestrator.report_command import load_student
+    from encmm.orchestrator.report_models import load_student
 
     work, marker = planted
     with pytest.raises(Exception):
