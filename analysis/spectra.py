@@ -18,6 +18,10 @@ one matrix X_i in R^{N x C} per image.
 Ranks use a float64 Gram matrix of each image's smaller side and `torch.linalg.eigvalsh`: the squared
 singular values, exact enough that the integer ranks equal a float64 SVD's (a float32 Gram is not;
 stack.md).
+
+One layer's report (`diagnose_layer`) is assembled by `layer_report`, `sep_report` and `layer_arrays`
+from per-image values and additive sums (`layer_values`, `image_sep_moments`, `permuted_sep_terms`,
+`token_gram_sum`); `analysis.streaming` computes those from batches of images and calls the same assembly.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -89,6 +94,22 @@ def check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
 def threshold_key(p: float) -> str:
     """JSON key of a threshold: 0.8 -> "0.8", 0.95 -> "0.95"."""
     return format(p, "g")
+
+
+ROTATION_KEYS = tuple(threshold_key(p) for p in ROTATION_THRESHOLDS)  # the rotation entries' JSON keys
+
+
+def rank_thresholds(thresholds: Sequence[float]) -> list[float]:
+    """The thresholds at which `diagnose_layer` computes SVD ranks: the requested ones and
+    ROTATION_THRESHOLDS, sorted, each once."""
+    return sorted(set(thresholds) | set(ROTATION_THRESHOLDS))
+
+
+def ranks_at(ranks: Tensor, thresholds: Sequence[float], wanted: Sequence[float]) -> Tensor:
+    """The columns of `ranks` `[I, len(rank_thresholds(thresholds))]`, computed at `rank_thresholds(thresholds)`,
+    that belong to the thresholds `wanted`, in that order: `[I, len(wanted)]`."""
+    computed = rank_thresholds(thresholds)
+    return ranks[:, [computed.index(p) for p in wanted]]
 
 
 def _map_chunks(
@@ -167,16 +188,30 @@ def shared_basis(features: Tensor) -> tuple[Tensor, Tensor]:
     `[I, N, C]` -> (eigenvalues `[C]` descending, eigenvectors `[C, C]` as columns in the same order).
     """
     x = check_features(features)
-    i, n, c = x.shape
-    grams = _map_chunks(lambda ch: _token_gram(ch, c), x, 8 * n * c)
-    second_moment = torch.stack(grams).sum(0) / (i * n)
-    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment)
+    return basis_from_gram(token_gram_sum(x), x.shape[0] * x.shape[1])
+
+
+def token_gram_sum(features: Tensor) -> Tensor:
+    """sum_i X_i^T X_i over the images of `[I, N, C]`, float64 `[C, C]`, uncentered.
+
+    One Gram per chunk of images, summed in chunk order; NaN/inf are not checked (`shared_basis` checks).
+    """
+    x = check_features(features, check_finite=False)
+    _, n, c = x.shape
+
+    def gram(chunk: Tensor) -> Tensor:
+        tokens = chunk.to(torch.float64).reshape(-1, c)
+        return tokens.mT @ tokens
+
+    return torch.stack(_map_chunks(gram, x, 8 * n * c)).sum(0)
+
+
+def basis_from_gram(gram_sum: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
+    """`shared_basis` from a `token_gram_sum` over `tokens` tokens in all: the eigen-decomposition of
+    C = gram_sum / tokens -> (eigenvalues `[C]` descending, round-off below 0 clamped, eigenvectors `[C, C]`
+    as columns in the same order)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram_sum / tokens)
     return eigenvalues.flip(-1).clamp_min(0.0), eigenvectors.flip(-1)
-
-
-def _token_gram(chunk: Tensor, c: int) -> Tensor:
-    tokens = chunk.to(torch.float64).reshape(-1, c)
-    return tokens.mT @ tokens
 
 
 def captured_energy(features: Tensor, eigenvectors: Tensor) -> Tensor:
@@ -309,6 +344,31 @@ def rotation_to_shared(
     return _block_angles(products, k)
 
 
+def rotations_to_shared(
+    features: Tensor, ranks: Tensor, eigenvectors: Tensor, *, bases: Tensor | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """`rotation_to_shared` at each of ROTATION_THRESHOLDS: `ranks` `[I, len(ROTATION_THRESHOLDS)]`, one
+    column per threshold -> {ROTATION_KEYS[col]: (overlap `[I]`, angle `[I]`)}. All columns share one
+    `right_singular_bases(features, ranks.max())` (or `bases`)."""
+    if bases is None:
+        bases = right_singular_bases(features, int(ranks.max()))
+    return {
+        key: rotation_to_shared(features, ranks[:, col], eigenvectors, bases=bases)
+        for col, key in enumerate(ROTATION_KEYS)
+    }
+
+
+def rotation_pairs(num_images: int, num_pairs: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The pairs (i, j), i != j, that `pairwise_rotation` measures: (first, second), each `[num_pairs]` long on
+    the CPU, uniform over ordered pairs, from `torch.Generator().manual_seed(seed)`."""
+    if num_images < 2 or num_pairs < 1:
+        raise ValueError(f"pairwise rotation needs >= 2 images and >= 1 pair, got {num_images} and {num_pairs}")
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, num_images, (num_pairs,), generator=generator)
+    second = torch.randint(0, num_images - 1, (num_pairs,), generator=generator)
+    return first, second + (second >= first)  # uniform over j != i
+
+
 def pairwise_rotation(
     features: Tensor, ranks: Tensor, num_pairs: int, seed: int, *, bases: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -319,20 +379,27 @@ def pairwise_rotation(
     """
     x = check_features(features)
     i, n, c = x.shape
-    if i < 2 or num_pairs < 1:
-        raise ValueError(f"pairwise rotation needs >= 2 images and >= 1 pair, got {i} and {num_pairs}")
+    first, second = rotation_pairs(i, num_pairs, seed)
     k_all = _check_ranks(ranks, i, min(n, c)).to(x.device)
-    generator = torch.Generator().manual_seed(seed)
-    first = torch.randint(0, i, (num_pairs,), generator=generator)
-    second = torch.randint(0, i - 1, (num_pairs,), generator=generator)
-    second = second + (second >= first)  # uniform over j != i
     first, second = first.to(x.device), second.to(x.device)
-    k = torch.minimum(k_all[first], k_all[second])
-    k_max = int(k.max())
     if bases is None:
         bases = right_singular_bases(x, int(k_all.max()))
-    # Pairs in chunks: gathering both bases of every pair at once would copy [num_pairs, C, k_max] twice.
-    step = max(1, _CHUNK_BYTES // (16 * c * k_max))
+    return pair_angles(bases, first, second, torch.minimum(k_all[first], k_all[second]))
+
+
+def pair_angles(
+    bases: Tensor, first: Tensor, second: Tensor, k: Tensor, k_max: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Overlap and mean principal angle (degrees) between the top-k[m] columns of bases[first[m]] and
+    bases[second[m]] for each pair m: `bases` `[I, C, >= k_max]`, `first`, `second`, `k` `[M]` -> (`[M]`, `[M]`).
+
+    The products are padded to `k_max` columns (default max(k); pass the maximum over all pairs so that a
+    subset of them gets the numbers the whole set gets) and taken in chunks of pairs: gathering both bases of
+    every pair at once would copy `[M, C, k_max]` twice.
+    """
+    first, second, k = (t.to(bases.device) for t in (first, second, k))
+    k_max = int(k.max()) if k_max is None else k_max
+    step = max(1, _CHUNK_BYTES // (16 * bases.shape[-2] * k_max))
     parts = [
         _block_angles(bases[a, :, :k_max].mT @ bases[b, :, :k_max], size)
         for a, b, size in zip(first.split(step), second.split(step), k.split(step))
@@ -363,12 +430,12 @@ def _sep_blocks(x: Tensor) -> list[tuple[int, Tensor]]:
     return [(a, x[a : a + 1, s : s + step]) for a in range(i) for s in range(0, n, step)]
 
 
-def _image_sep_moments(
+def image_sep_moments(
     x: Tensor, order: Tensor | None = None, with_spread: bool = True
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per image of `[I, N, D]`, over its tokens with nonzero energy: (count `[I]`, mean SEP curve
-    `[I, D]`, sum of squared deviations `[I, D]` or None), float64; an image with no such token has
-    count 0 and a zero curve.
+    """Per image of `x` `[I, N, D]` (as `check_features` returns it), over its tokens with nonzero energy:
+    (count `[I]`, mean SEP curve `[I, D]`, sum of squared deviations `[I, D]` or None), float64; an image
+    with no such token has count 0 and a zero curve.
 
     Pieces of an image are merged with Chan et al.'s pairwise update, stable where sum-of-squares is
     not; plain sums over whole blocks keep it deterministic on an accelerator (no atomics). `order`
@@ -400,16 +467,26 @@ def _image_sep_moments(
     return count, mean, m2
 
 
+def _pooled_sums(count: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """The additive part of pooling per-image moments (count `[I]`, mean `[I, D]`): (sum_i count_i *
+    mean_i `[D]`, sum_i count_i), which sum over disjoint sets of images."""
+    return (count.unsqueeze(-1) * mean).sum(0), count.sum()
+
+
+def _pooled_mean(weighted: Tensor, total: Tensor) -> Tensor:
+    """The mean curve over all tokens from `_pooled_sums` (or several stacked, `total` `[R, 1]`)."""
+    if (total == 0).any():
+        raise ValueError("every token has zero energy: the SEP is undefined")
+    return weighted / total
+
+
 def _pooled_moments(count: Tensor, mean: Tensor, m2: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Merge per-image moments into the moments over all tokens: (mean `[D]`, population std `[D]`)."""
-    total = count.sum()
-    if total == 0:
-        raise ValueError("every token has zero energy: the SEP is undefined")
-    weight = count.unsqueeze(-1)
-    pooled = (weight * mean).sum(0) / total
+    weighted, total = _pooled_sums(count, mean)
+    pooled = _pooled_mean(weighted, total)
     if m2 is None:
         return pooled, None
-    spread = m2.sum(0) + (weight * (mean - pooled).square()).sum(0)
+    spread = m2.sum(0) + (count.unsqueeze(-1) * (mean - pooled).square()).sum(0)
     return pooled, (spread / total).sqrt()
 
 
@@ -418,7 +495,7 @@ def sep_curves(tokens: Tensor) -> tuple[Tensor, Tensor]:
     order) and curve[j] = 100 * sum_{k<=j} e_k / sum_k e_k; `[T, D]` -> (mean `[D]`, std `[D]`) over
     tokens, float64, population std. Tokens with zero energy have no curve and are skipped.
     """
-    return _pooled_moments(*_image_sep_moments(_check_tokens(tokens).unsqueeze(0)))
+    return _pooled_moments(*image_sep_moments(_check_tokens(tokens).unsqueeze(0)))
 
 
 def sep_image_curves(features: Tensor) -> tuple[Tensor, Tensor]:
@@ -427,7 +504,7 @@ def sep_image_curves(features: Tensor) -> tuple[Tensor, Tensor]:
     `[I, N, D]` -> (curves `[I, D]` float64 in percent, token counts `[I]` long). Tokens with zero
     energy are skipped; an image with no other token has count 0 and a NaN curve.
     """
-    count, mean, _ = _image_sep_moments(check_features(features), with_spread=False)
+    count, mean, _ = image_sep_moments(check_features(features), with_spread=False)
     mean[count == 0] = float("nan")
     return mean, count.to(torch.long)
 
@@ -461,8 +538,37 @@ def _permuted_image_curves(x: Tensor, num_permutations: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     for _ in range(num_permutations):
         order = torch.randperm(x.shape[-1], generator=generator).to(x.device)
-        count, mean, _ = _image_sep_moments(x, order, with_spread=False)
+        count, mean, _ = image_sep_moments(x, order, with_spread=False)
         yield count, mean
+
+
+def permuted_sep_terms(
+    x: Tensor, num_permutations: int, seed: int, thresholds_percent: Sequence[float] = SEP_THRESHOLDS_PERCENT
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What both permutation statistics need of `x` `[I, N, D]` (as `image_sep_moments`) under each of the
+    `num_permutations` seeded channel orders (`_permuted_image_curves`).
+
+    Returns (weighted sums `[R, D]` and token counts `[R]` of the pooled mean curve, which add over
+    disjoint sets of images; every image's ratio b_i^p = d_i / D `[I, R, P]` float64 on the CPU, zero-energy
+    images included), the input of `sep_report`.
+    """
+    sums, counts, ratios = [], [], []
+    for count, curves in _permuted_image_curves(x, num_permutations, seed):
+        weighted, total = _pooled_sums(count, curves)
+        sums.append(weighted)
+        counts.append(total)
+        ratios.append(torch.from_numpy(_bandwidth_ratios(curves, thresholds_percent)))
+    return torch.stack(sums), torch.stack(counts), torch.stack(ratios, 1)
+
+
+def _pooled_ratios(sums: Tensor, counts: Tensor, thresholds_percent: Sequence[float]) -> np.ndarray:
+    """The pooled bandwidth ratios `[R, P]` under each permutation from `permuted_sep_terms`' sums."""
+    return _bandwidth_ratios(_pooled_mean(sums, counts.unsqueeze(-1)), thresholds_percent)
+
+
+def _kept_permuted(ratios: Tensor, keep: Tensor) -> np.ndarray:
+    """b_i^p `[R, I', P]` of the kept images from `permuted_sep_terms`' ratios `[I, R, P]`."""
+    return ratios[keep.cpu()].transpose(0, 1).contiguous().numpy()
 
 
 def _bootstrap_rows(size: int, seed: int) -> np.ndarray:
@@ -505,18 +611,14 @@ def sep_permutation_bandwidths(
     thresholds_percent: Sequence[float] = SEP_THRESHOLDS_PERCENT,
 ) -> tuple[np.ndarray, dict[float, dict[str, float]]]:
     """The pooled permutation statistic: bandwidth ratio d/D of the mean SEP curve over all `tokens`
-    `[T, D]` under `num_permutations` seeded random channel orders (`_permuted_image_curves`).
+    `[T, D]` under `num_permutations` seeded random channel orders (`permuted_sep_terms`).
 
     Returns (ratios `[num_permutations, P]`, {t: {"mean", "ci_low", "ci_high"}}), the interval a 95%
     percentile bootstrap of the mean over permutations (resamples `default_rng(seed)`).
     """
     x = _check_tokens(tokens).unsqueeze(0)
-    ratios = np.stack(
-        [
-            sep_dims(_pooled_moments(count, mean, None)[0], thresholds_percent).cpu().numpy() / x.shape[-1]
-            for count, mean in _permuted_image_curves(x, num_permutations, seed)
-        ]
-    )
+    sums, counts, _ = permuted_sep_terms(x, num_permutations, seed, thresholds_percent)
+    ratios = _pooled_ratios(sums, counts, thresholds_percent)
     return ratios, _pooled_summary(ratios, None, seed, thresholds_percent)
 
 
@@ -547,9 +649,9 @@ def _per_image_summary(
     }
 
 
-def _kept_ratios(curves: Tensor, keep: Tensor, thresholds_percent: Sequence[float]) -> np.ndarray:
-    """b_i = d_i / D `[I', P]` of the kept images' curves `[I, D]`."""
-    return sep_dims(curves[keep], thresholds_percent).cpu().numpy() / curves.shape[-1]
+def _bandwidth_ratios(curves: Tensor, thresholds_percent: Sequence[float]) -> np.ndarray:
+    """b = d / D `[..., P]` float64 of curves `[..., D]` (`sep_dims`)."""
+    return sep_dims(curves, thresholds_percent).cpu().numpy() / curves.shape[-1]
 
 
 def _images_with_energy(count: Tensor) -> Tensor:
@@ -569,7 +671,7 @@ def sep_permutation_per_image(
 
     `features` `[I, N, D]`. Image i's curve is the mean of its tokens' SEP curves (`sep_image_curves`);
     b_i(t) = d_i(t) / D with d_i(t) = (first 0-based j where that curve >= t) + 1. Under channel order
-    p (`_permuted_image_curves`, the same seed as the pooled statistic) the same gives b_i^p(t).
+    p (`permuted_sep_terms`, the same seed as the pooled statistic) the same gives b_i^p(t).
     Images whose tokens all have zero energy are left out (I' images remain).
 
     Returns (b_i `[I', P]`, b_i^p `[R, I', P]`, {t: stats}) with, per threshold t:
@@ -582,20 +684,17 @@ def sep_permutation_per_image(
     expected delta; "ci_low" / "ci_high": the same percentiles of the first term alone.
     """
     x = check_features(features)
-    count, natural, _ = _image_sep_moments(x, with_spread=False)
+    count, natural, _ = image_sep_moments(x, with_spread=False)
     keep = _images_with_energy(count)
-    original = _kept_ratios(natural, keep, thresholds_percent)
-    permuted = np.stack(
-        [
-            _kept_ratios(curves, keep, thresholds_percent)
-            for _, curves in _permuted_image_curves(x, num_permutations, seed)
-        ]
-    )
+    original = _bandwidth_ratios(natural[keep], thresholds_percent)
+    permuted = _kept_permuted(permuted_sep_terms(x, num_permutations, seed, thresholds_percent)[2], keep)
     return original, permuted, _per_image_summary(original, permuted, seed, thresholds_percent)
 
 
 # ------------------------------------------------------------------------------ one layer
-def _prepare(features: Tensor, center: bool) -> Tensor:
+def prepare(features: Tensor, center: bool) -> Tensor:
+    """`check_features`, then with `center` each image's token mean subtracted: what every diagnostic of a
+    layer runs on."""
     x = check_features(features)
     return x - x.mean(dim=1, keepdim=True) if center else x
 
@@ -604,11 +703,40 @@ def layer_rank_arrays(
     features: Tensor, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, center: bool = False
 ) -> dict[str, np.ndarray]:
     """Per-image ranks for histograms: {"svd_rank": `[I, P]`, "pca_rank": `[I, P]`} int64 arrays."""
-    x = _prepare(features, center)
+    x = prepare(features, center)
     return {
         "svd_rank": svd_rank(x, thresholds).cpu().numpy(),
         "pca_rank": pca_rank(x, thresholds).cpu().numpy(),
     }
+
+
+class LayerValues(NamedTuple):
+    """The per-image values behind one layer's report (`layer_report`) and arrays (`layer_arrays`), all
+    but the SEP's (`sep_report`)."""
+
+    svd_rank: Tensor  # [I, len(rank_thresholds(thresholds))] long: SVD ranks at rank_thresholds(thresholds)
+    eigenvalues: Tensor  # [C] float64 descending: the shared basis's (`shared_basis`)
+    captured: Tensor  # [I, C] float64: `captured_energy` in the shared basis
+    to_shared: dict[str, tuple[Tensor, Tensor]]  # ROTATION_KEYS -> (overlap [I], angle [I]): `rotations_to_shared`
+    pairwise: dict[str, tuple[Tensor, Tensor]]  # ROTATION_KEYS -> (overlap, angle) [num_pairs]; {} without pairs
+
+
+def layer_values(features: Tensor, thresholds: Sequence[float], num_pairs: int, seed: int) -> LayerValues:
+    """`LayerValues` of `prepare`d features `[I, N, C]`; no pairwise rotation with < 2 images or no pairs."""
+    x = check_features(features, check_finite=False)
+    svd = svd_rank(x, rank_thresholds(thresholds))
+    eigenvalues, eigenvectors = shared_basis(x)
+    captured = captured_energy(x, eigenvectors)
+    ranks = ranks_at(svd, thresholds, ROTATION_THRESHOLDS)
+    bases = right_singular_bases(x, int(ranks.max()))
+    to_shared = rotations_to_shared(x, ranks, eigenvectors, bases=bases)
+    pairwise = {}
+    if x.shape[0] >= 2 and num_pairs >= 1:
+        pairwise = {
+            key: pairwise_rotation(x, ranks[:, col], num_pairs, seed, bases=bases)
+            for col, key in enumerate(ROTATION_KEYS)
+        }
+    return LayerValues(svd, eigenvalues, captured, to_shared, pairwise)
 
 
 def _rotation_summary(overlap: Tensor, angle: Tensor) -> dict[str, float]:
@@ -617,6 +745,83 @@ def _rotation_summary(overlap: Tensor, angle: Tensor) -> dict[str, float]:
         "overlap_median": float(np.median(overlap.cpu().numpy())),
         "angle_mean_deg": float(angle.mean()),
     }
+
+
+def layer_report(values: LayerValues, thresholds: Sequence[float], tokens: int, sep: dict) -> dict:
+    """`diagnose_layer`'s dict from the layer's `LayerValues`, its token count N and its "sep" entry
+    (`sep_report`)."""
+    svd = ranks_at(values.svd_rank, thresholds, thresholds)
+    pca = required_rank(values.captured, thresholds)
+    percentiles = np.percentile(values.captured.cpu().numpy(), [50, 10, 1], axis=0).tolist()
+    return {
+        "tokens": tokens,
+        "channels": values.eigenvalues.shape[-1],
+        "svd_rank": {threshold_key(p): rank_stats(svd[:, col]) for col, p in enumerate(thresholds)},
+        "pca_rank": {threshold_key(p): rank_stats(pca[:, col]) for col, p in enumerate(thresholds)},
+        "pca_spectrum": cumulative_energy(values.eigenvalues).tolist(),
+        "energy_percentiles": dict(zip(("median", "p10", "p1"), percentiles)),
+        "sep": sep,
+        "rotation": {
+            "to_shared": {key: _rotation_summary(*rotation) for key, rotation in values.to_shared.items()},
+            "pairwise": {key: _rotation_summary(*rotation) for key, rotation in values.pairwise.items()},
+        },
+    }
+
+
+def layer_arrays(values: LayerValues, thresholds: Sequence[float]) -> dict[str, np.ndarray]:
+    """The per-image arrays for histograms from the layer's `LayerValues`, numpy: {"svd_rank", "pca_rank":
+    `[I, P]`, and for each key of ROTATION_KEYS: "overlap_to_shared/<key>", "angle_to_shared/<key>": `[I]`,
+    "overlap_pairwise/<key>", "angle_pairwise/<key>": `[num_pairs]` (absent without pairs)}."""
+    arrays = {
+        "svd_rank": ranks_at(values.svd_rank, thresholds, thresholds).cpu().numpy(),
+        "pca_rank": required_rank(values.captured, thresholds).cpu().numpy(),
+    }
+    for key in values.to_shared:
+        for kind, rotations in (("to_shared", values.to_shared), ("pairwise", values.pairwise)):
+            for name, value in zip(("overlap", "angle"), rotations.get(key, ())):
+                arrays[f"{name}_{kind}/{key}"] = value.cpu().numpy()
+    return arrays
+
+
+def sep_report(
+    count: Tensor, curves: Tensor, m2: Tensor, permuted: tuple[Tensor, Tensor, Tensor] | None, seed: int
+) -> dict:
+    """The "sep" entry of `diagnose_layer` from per-image moments (count `[I]`, mean curve `[I, D]`, squared
+    deviations `[I, D]`: `image_sep_moments`) and, for the permutation statistics, `permuted_sep_terms`'
+    (sums, counts, ratios) or None. Both statistics come from the same permutations (they differ only in
+    how curves are averaged)."""
+    thresholds = SEP_THRESHOLDS_PERCENT
+    mean, std = _pooled_moments(count, curves, m2)
+    keep = _images_with_energy(count)
+    original = _bandwidth_ratios(curves[keep], thresholds)
+    bandwidth = sep_bandwidth(mean, thresholds)
+    sep = {
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "bandwidth": {threshold_key(t / 100): {"d": d, "ratio": r} for t, (d, r) in bandwidth.items()},
+        "image_bandwidth": {
+            threshold_key(t / 100): {"mean": float(original[:, c].mean()), "std": float(original[:, c].std())}
+            for c, t in enumerate(thresholds)
+        },
+    }
+    if permuted is not None:
+        sums, counts, ratios = permuted
+        natural = np.array([r for _, r in bandwidth.values()])
+        summaries = {
+            "per-image": _per_image_summary(original, _kept_permuted(ratios, keep), seed, thresholds),
+            "pooled": _pooled_summary(_pooled_ratios(sums, counts, thresholds), natural, seed, thresholds),
+        }
+        sep["permutation_statistics"] = {
+            name: {
+                "statistic": name,
+                "definition": SEP_STATISTIC_DEFINITIONS[name],
+                "num_permutations": sums.shape[0],
+                "num_images": int(keep.sum()),
+                "bandwidth": {threshold_key(t / 100): stats for t, stats in summary.items()},
+            }
+            for name, summary in summaries.items()
+        }
+    return sep
 
 
 def diagnose_layer(
@@ -644,73 +849,9 @@ def diagnose_layer(
     diagnose --sep-statistic) picks one without recomputing. `center` subtracts each image's token mean
     before everything.
     """
-    x = _prepare(features, center)
+    x = prepare(features, center)
     thresholds = check_thresholds(thresholds)
-    i, n, c = x.shape
-    all_p = sorted(set(thresholds) | set(ROTATION_THRESHOLDS))
-    svd = svd_rank(x, all_p)
-    eigenvalues, eigenvectors = shared_basis(x)
-    captured = captured_energy(x, eigenvectors)
-    pca = required_rank(captured, thresholds)
-    result = {
-        "tokens": n,
-        "channels": c,
-        "svd_rank": {threshold_key(p): rank_stats(svd[:, all_p.index(p)]) for p in thresholds},
-        "pca_rank": {threshold_key(p): rank_stats(pca[:, col]) for col, p in enumerate(thresholds)},
-        "pca_spectrum": cumulative_energy(eigenvalues).tolist(),
-        "energy_percentiles": dict(
-            zip(("median", "p10", "p1"), np.percentile(captured.cpu().numpy(), [50, 10, 1], axis=0).tolist())
-        ),
-        "sep": _sep_summary(x, permutations, seed),
-    }
-    rotation_ranks = {p: svd[:, all_p.index(p)] for p in ROTATION_THRESHOLDS}
-    bases = right_singular_bases(x, int(max(r.max() for r in rotation_ranks.values())))
-    to_shared, pairwise = {}, {}
-    for p, ranks in rotation_ranks.items():
-        to_shared[threshold_key(p)] = _rotation_summary(*rotation_to_shared(x, ranks, eigenvectors, bases=bases))
-        if i >= 2 and num_pairs >= 1:
-            pairs = pairwise_rotation(x, ranks, num_pairs, seed, bases=bases)
-            pairwise[threshold_key(p)] = _rotation_summary(*pairs)
-    result["rotation"] = {"to_shared": to_shared, "pairwise": pairwise}
-    return result
-
-
-def _sep_summary(x: Tensor, permutations: int, seed: int) -> dict:
-    """The "sep" entry of `diagnose_layer` for `[I, N, D]`: one natural-order pass, one per permutation,
-    both permutation statistics from the same passes (they differ only in how curves are averaged)."""
-    thresholds = SEP_THRESHOLDS_PERCENT
-    count, curves, m2 = _image_sep_moments(x)
-    mean, std = _pooled_moments(count, curves, m2)
-    keep = _images_with_energy(count)
-    original = _kept_ratios(curves, keep, thresholds)
-    bandwidth = sep_bandwidth(mean, thresholds)
-    sep = {
-        "mean": mean.tolist(),
-        "std": std.tolist(),
-        "bandwidth": {threshold_key(t / 100): {"d": d, "ratio": r} for t, (d, r) in bandwidth.items()},
-        "image_bandwidth": {
-            threshold_key(t / 100): {"mean": float(original[:, c].mean()), "std": float(original[:, c].std())}
-            for c, t in enumerate(thresholds)
-        },
-    }
-    if permutations > 0:
-        pooled, permuted = [], []
-        for counts, image_curves in _permuted_image_curves(x, permutations, seed):
-            pooled.append(sep_dims(_pooled_moments(counts, image_curves, None)[0], thresholds).cpu().numpy())
-            permuted.append(_kept_ratios(image_curves, keep, thresholds))
-        natural = np.array([r for _, r in bandwidth.values()])
-        summaries = {
-            "per-image": _per_image_summary(original, np.stack(permuted), seed, thresholds),
-            "pooled": _pooled_summary(np.stack(pooled) / x.shape[-1], natural, seed, thresholds),
-        }
-        sep["permutation_statistics"] = {
-            name: {
-                "statistic": name,
-                "definition": SEP_STATISTIC_DEFINITIONS[name],
-                "num_permutations": permutations,
-                "num_images": int(keep.sum()),
-                "bandwidth": {threshold_key(t / 100): stats for t, stats in summary.items()},
-            }
-            for name, summary in summaries.items()
-        }
-    return sep
+    values = layer_values(x, thresholds, num_pairs, seed)
+    count, curves, m2 = image_sep_moments(x)
+    permuted = permuted_sep_terms(x, permutations, seed) if permutations > 0 else None
+    return layer_report(values, thresholds, x.shape[1], sep_report(count, curves, m2, permuted, seed))

@@ -1,5 +1,5 @@
-"""The training core, the spectra math and the report's tables / figures / model code run with Ray and MLflow
-unavailable."""
+"""The training core, the spectra math (in memory and streamed) and the report's tables / figures / model code
+run with Ray and MLflow unavailable."""
 
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import encmm.trainables.config, encmm.trainables.data, encmm.trainables.models, 
 import encmm.trainables.teacher, encmm.trainables.engine, encmm.trainables.preflight, encmm.trainables.execution
 import encmm.orchestrator.sweep_config, encmm.orchestrator.sweep_plan
 import encmm.orchestrator.report_tables, encmm.orchestrator.report_figures, encmm.orchestrator.report_models
-import encmm.analysis.spectra, encmm.analysis.features, encmm.analysis.plots
+import encmm.analysis.spectra, encmm.analysis.streaming, encmm.analysis.features, encmm.analysis.plots
 print("ok")
 """
 

@@ -1,0 +1,385 @@
+"""One layer's diagnostics from batches of images: `spectra.diagnose_layer` and `ray_tasks.per_image_arrays`
+without holding the layer's `[I, N, C]` features.
+
+Images carry a global index 0..I-1, their position in the dataset. A shard is any subset of the indices,
+its batches `[b, N, C]` come in any order, and each shard fills its own accumulator (picklable, so it can
+live in a Ray worker); the driver's `LayerStream` merges the shards' accumulators after each pass. Three
+passes over the images, recomputing the features each time (cheap next to the math):
+
+1. `FirstPass`: per image the SVD ranks (`spectra.svd_rank`) and SEP moments (`spectra.image_sep_moments`:
+   token count, mean curve, squared deviations), and under each channel permutation the per-image bandwidth
+   ratios; per shard the float64 token Gram sum_i X_i^T X_i (`spectra.token_gram_sum`), the token count and,
+   per permutation, the pooled SEP sums (both `spectra.permuted_sep_terms`). Merged: the shared basis,
+   eigenvectors of C = Gram / T (`spectra.basis_from_gram`; paper.md, Diagnostics 2).
+2. `SecondPass` (carries the basis and the ranks): per image the captured-energy curve
+   (`spectra.captured_energy`) and the rotation against the shared subspace (`spectra.rotations_to_shared`)
+   at each of `spectra.ROTATION_THRESHOLDS`.
+3. `PairPass` (carries the ranks): the rotation between the two images of each pair that
+   `spectra.pairwise_rotation` draws (`spectra.rotation_pairs`, re-exported here), computed by
+   `spectra.pair_angles` when one batch holds both images.
+   `pair_chunks` groups the pairs so that a batch of at most `max_images` images covers each group.
+
+Memory per accumulator: the `[C, C]` Gram and `[R, C]` permutation sums, one batch's working set, and its
+images' rows of O(C + R * P) numbers each (R permutations, P = 5 SEP thresholds); the driver holds those
+rows for all I images. Pass 3 holds the right singular bases `[m, C, k]` of one batch of m images.
+
+Exactness. Per-image values come from the same `spectra` functions applied image by image, and the
+statistics over images run on rows put back in dataset order, so they match the in-memory path whatever
+the shard layout. The exceptions are the sums over images: the Gram (hence the shared basis, captured
+energies and rotation to it) and the pooled SEP curve under each permutation. Those are summed in shard
+and batch order, so they agree to float64 round-off (~1e-15), and the ranks and bandwidths drawn from them
+agree exactly unless a value sits within that round-off of `p - spectra.RANK_TOLERANCE`. The natural-order
+pooled SEP moments are merged from the stored per-image moments in dataset order, so they match bitwise.
+The statistics themselves are `spectra`'s: `LayerStream.result()` and `arrays()` hand the merged values to
+`spectra.sep_report`, `spectra.layer_report` and `spectra.layer_arrays`, as `diagnose_layer` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from encmm.analysis import spectra
+from encmm.analysis.spectra import rotation_pairs
+
+__all__ = ["FirstPass", "LayerStream", "PairPass", "SecondPass", "pair_chunks", "pair_images", "rotation_pairs"]
+
+
+# ------------------------------------------------------------------------------------ image pairs
+def pair_images(first: Tensor, second: Tensor) -> Tensor:
+    """Sorted unique indices of the images that appear in the pairs."""
+    return torch.unique(torch.cat([first, second]))
+
+
+def pair_chunks(first: Tensor, second: Tensor, max_images: int) -> list[Tensor]:
+    """Groups of pairs for pass 3: sorted unique image indices, at most `max_images` per group, such that
+    both images of every pair lie in one group. Greedy in pair order; an image can recur across groups."""
+    if max_images < 2:
+        raise ValueError(f"max_images must be >= 2 (a pair has two images), got {max_images}")
+    chunks, current = [], set()
+    for a, b in zip(first.tolist(), second.tolist()):
+        if len(current | {a, b}) > max_images:
+            chunks.append(torch.tensor(sorted(current)))
+            current = set()
+        current |= {a, b}
+    if current:
+        chunks.append(torch.tensor(sorted(current)))
+    return chunks
+
+
+def _flat(rotations: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """{key: (overlap, angle)} as rows {"overlap/<key>": overlap, "angle/<key>": angle}; `_rotations` undoes it."""
+    return {
+        f"{name}/{key}": value for key, pair in rotations.items() for name, value in zip(("overlap", "angle"), pair)
+    }
+
+
+def _rotations(rows: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    return {key: (rows[f"overlap/{key}"], rows[f"angle/{key}"]) for key in spectra.ROTATION_KEYS}
+
+
+# ------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class _Layer:
+    """What every pass needs to know about the layer and the diagnostics asked for."""
+
+    num_images: int
+    tokens: int
+    channels: int
+    thresholds: tuple[float, ...]
+    center: bool
+    permutations: int
+    num_pairs: int
+    seed: int
+
+    @property
+    def all_p(self) -> list[float]:
+        """The thresholds whose SVD ranks pass 1 keeps: the requested ones and the rotation ones."""
+        return spectra.rank_thresholds(self.thresholds)
+
+    def batch(self, indices: Tensor | Sequence[int], batch: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+        """(global indices `[b]` long on the CPU, features `[b, N, C]` centred as `diagnose_layer` does)."""
+        x = spectra.prepare(batch, self.center)
+        indices = torch.as_tensor(indices).to(device="cpu", dtype=torch.long).reshape(-1)
+        if tuple(x.shape[1:]) != (self.tokens, self.channels):
+            raise ValueError(
+                f"batch must be [b, {self.tokens}, {self.channels}] (images, tokens, channels), got {tuple(x.shape)}"
+            )
+        if indices.numel() != x.shape[0] or not ((indices >= 0) & (indices < self.num_images)).all():
+            raise ValueError(f"a batch of {x.shape[0]} images needs as many indices in [0, {self.num_images})")
+        return indices, x
+
+
+@dataclass
+class _Rows:
+    """Per-image rows of some images, kept with their global indices until `ordered` sorts them."""
+
+    indices: list[Tensor] = field(default_factory=list)
+    values: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def add(self, indices: Tensor, **values: Tensor) -> None:
+        self.indices.append(indices)
+        for name, value in values.items():
+            self.values.setdefault(name, []).append(value.cpu())
+
+    def merge(self, other: _Rows) -> None:
+        self.indices += other.indices
+        for name, parts in other.values.items():
+            self.values.setdefault(name, []).extend(parts)
+
+    def ordered(self, num_images: int) -> dict[str, Tensor]:
+        """Every row in dataset order; each of the `num_images` images must have come exactly once."""
+        indices = torch.cat(self.indices) if self.indices else torch.empty(0, dtype=torch.long)
+        if not torch.equal(indices.sort().values, torch.arange(num_images)):
+            missing = num_images - torch.unique(indices).numel()
+            raise ValueError(
+                f"the shards must hold each of the {num_images} images exactly once: got {indices.numel()} "
+                f"images, {missing} missing"
+            )
+        order = indices.argsort()
+        return {name: torch.cat(parts)[order] for name, parts in self.values.items()}
+
+
+def _merged(shards: Sequence, kind: type):
+    if not shards:
+        raise ValueError(f"no {kind.__name__} to merge")
+    if not all(isinstance(shard, kind) for shard in shards):
+        raise TypeError(f"expected {kind.__name__} accumulators, got {[type(s).__name__ for s in shards]}")
+    return reduce(lambda merged, shard: merged.merge(shard), shards[1:], shards[0])
+
+
+# ------------------------------------------------------------------------------------- pass 1
+@dataclass
+class FirstPass:
+    """Pass-1 accumulator of one shard: SVD ranks, SEP moments, token Gram (see the module docstring)."""
+
+    layer: _Layer
+    gram: Tensor
+    tokens: int = 0
+    permuted_sum: Tensor | None = None  # [R, C]: `spectra.permuted_sep_terms`' sums, added over batches
+    permuted_count: Tensor | None = None  # [R]: its token counts, likewise
+    rows: _Rows = field(default_factory=_Rows)
+
+    def add(self, indices: Tensor | Sequence[int], batch: Tensor | np.ndarray) -> None:
+        """Add a batch `[b, N, C]` of the images at global `indices` `[b]`."""
+        layer = self.layer
+        indices, x = layer.batch(indices, batch)
+        rows = {"svd_rank": spectra.svd_rank(x, layer.all_p)}
+        # As spectra.shared_basis sums it, so one batch of all the images gives its Gram bitwise.
+        self.gram += spectra.token_gram_sum(x).cpu()
+        self.tokens += x.shape[0] * x.shape[1]
+        rows["sep_count"], rows["sep_curve"], rows["sep_m2"] = spectra.image_sep_moments(x)
+        if layer.permutations > 0:  # sep_permuted: [b, R, P] ratios
+            sums, counts, rows["sep_permuted"] = spectra.permuted_sep_terms(x, layer.permutations, layer.seed)
+            self.permuted_sum += sums.cpu()
+            self.permuted_count += counts.cpu()
+        self.rows.add(indices, **rows)
+
+    def merge(self, other: FirstPass) -> FirstPass:
+        """Fold another shard's accumulator into this one; returns self."""
+        self.gram += other.gram
+        self.tokens += other.tokens
+        if self.permuted_sum is not None:
+            self.permuted_sum += other.permuted_sum
+            self.permuted_count += other.permuted_count
+        self.rows.merge(other.rows)
+        return self
+
+
+# ------------------------------------------------------------------------------------- pass 2
+@dataclass
+class SecondPass:
+    """Pass-2 accumulator of one shard: captured energy and rotation to the shared basis per image."""
+
+    layer: _Layer
+    eigenvectors: Tensor  # [C, C] float64, columns in descending eigenvalue order
+    rotation_ranks: Tensor  # [I, len(ROTATION_THRESHOLDS)] long: SVD ranks of every image
+    rows: _Rows = field(default_factory=_Rows)
+
+    def add(self, indices: Tensor | Sequence[int], batch: Tensor | np.ndarray) -> None:
+        """Add a batch `[b, N, C]` of the images at global `indices` `[b]`."""
+        indices, x = self.layer.batch(indices, batch)
+        captured = spectra.captured_energy(x, self.eigenvectors)
+        # As many columns as the in-memory path computes (its maximum rank over all images), so that each
+        # image's basis is the same product.
+        bases = spectra.right_singular_bases(x, int(self.rotation_ranks.max()))
+        rotations = spectra.rotations_to_shared(x, self.rotation_ranks[indices], self.eigenvectors, bases=bases)
+        self.rows.add(indices, captured=captured, **_flat(rotations))
+
+    def merge(self, other: SecondPass) -> SecondPass:
+        """Fold another shard's accumulator into this one; returns self."""
+        self.rows.merge(other.rows)
+        return self
+
+
+# ------------------------------------------------------------------------------------- pass 3
+@dataclass
+class PairPass:
+    """Pass-3 accumulator: overlap and angle of each pair whose two images came in one batch."""
+
+    layer: _Layer
+    first: Tensor  # [M] long, global indices
+    second: Tensor  # [M]
+    sizes: Tensor  # [len(ROTATION_THRESHOLDS), M] long: k = min of the pair's two ranks
+    bases_columns: int  # columns of the right singular bases (the maximum rank over all images)
+    overlap: Tensor  # [len(ROTATION_THRESHOLDS), M] float64
+    angle: Tensor  # same
+    done: Tensor  # [M] bool
+
+    def add(self, indices: Tensor | Sequence[int], batch: Tensor | np.ndarray) -> None:
+        """Add a batch `[b, N, C]` of the images at global `indices` `[b]` (e.g. one of `pair_chunks`):
+        computes every pair not yet done whose two images are both in it."""
+        indices, x = self.layer.batch(indices, batch)
+        local = torch.full((self.layer.num_images,), -1, dtype=torch.long)
+        local[indices] = torch.arange(indices.numel())
+        a, b = local[self.first], local[self.second]
+        todo = ((a >= 0) & (b >= 0) & ~self.done).nonzero().squeeze(-1)
+        if todo.numel() == 0:
+            return
+        bases = spectra.right_singular_bases(x, self.bases_columns)
+        for col in range(len(spectra.ROTATION_KEYS)):
+            k_max = int(self.sizes[col].max())  # over all pairs, as pairwise_rotation pads
+            overlap, angle = spectra.pair_angles(bases, a[todo], b[todo], self.sizes[col, todo], k_max)
+            self.overlap[col, todo], self.angle[col, todo] = overlap.cpu(), angle.cpu()
+        self.done[todo] = True
+
+    def merge(self, other: PairPass) -> PairPass:
+        """Fold another accumulator's pairs into this one; returns self. A pair done in both is the same."""
+        new = other.done & ~self.done
+        self.overlap[:, new], self.angle[:, new] = other.overlap[:, new], other.angle[:, new]
+        self.done |= other.done
+        return self
+
+
+# ----------------------------------------------------------------------------------- the driver
+class LayerStream:
+    """Driver side of the streaming diagnostics of one layer of `num_images` images `[N, C]` each.
+
+    The arguments after the shape mean what they mean for `spectra.diagnose_layer`. Per pass: hand each
+    shard an empty accumulator (`first_pass()`, `second_pass()`, `pair_pass()`), let it `add(indices,
+    batch)` its batches, and pass the filled accumulators to `finish_first`, `finish_second`,
+    `finish_pairs`. Then `result()` is `diagnose_layer`'s dict and `arrays()` `per_image_arrays`'.
+    """
+
+    def __init__(
+        self,
+        num_images: int,
+        tokens: int,
+        channels: int,
+        thresholds: Sequence[float] = spectra.DEFAULT_THRESHOLDS,
+        center: bool = False,
+        permutations: int = 0,
+        num_pairs: int = 500,
+        seed: int = 0,
+    ):
+        if min(num_images, tokens, channels) < 1:
+            raise ValueError(f"features are empty: shape {(num_images, tokens, channels)}")
+        self.layer = _Layer(
+            num_images, tokens, channels, spectra.check_thresholds(thresholds), center, permutations, num_pairs, seed
+        )
+        self._first: dict[str, Tensor] | None = None
+        self._second: dict[str, Tensor] | None = None
+        self._pairs: PairPass | None = None
+        if num_images >= 2 and num_pairs >= 1:
+            self.pairs = rotation_pairs(num_images, num_pairs, seed)
+        else:  # diagnose_layer reports no pairwise rotation
+            self.pairs = (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+
+    # ----------------------------------------------------------------------------------- pass 1
+    def first_pass(self) -> FirstPass:
+        """An empty pass-1 accumulator for one shard."""
+        c, r = self.layer.channels, self.layer.permutations
+        state = FirstPass(self.layer, torch.zeros(c, c, dtype=torch.float64))
+        if r > 0:
+            state.permuted_sum = torch.zeros(r, c, dtype=torch.float64)
+            state.permuted_count = torch.zeros(r, dtype=torch.float64)
+        return state
+
+    def finish_first(self, *shards: FirstPass) -> None:
+        """Merge the shards' pass-1 accumulators (together they hold every image once; the first one absorbs
+        the others); build the shared basis as `spectra.shared_basis` does."""
+        merged = _merged(shards, FirstPass)
+        self._first = merged.rows.ordered(self.layer.num_images)
+        self._first["eigenvalues"], self._first["eigenvectors"] = spectra.basis_from_gram(merged.gram, merged.tokens)
+        if merged.permuted_sum is not None:
+            self._first["permuted_sum"], self._first["permuted_count"] = merged.permuted_sum, merged.permuted_count
+
+    def _rotation_ranks(self) -> Tensor:
+        first = self._require(self._first, "finish_first")
+        return spectra.ranks_at(first["svd_rank"], self.layer.thresholds, spectra.ROTATION_THRESHOLDS)
+
+    # ----------------------------------------------------------------------------------- pass 2
+    def second_pass(self) -> SecondPass:
+        """An empty pass-2 accumulator for one shard (needs `finish_first`)."""
+        ranks = self._rotation_ranks()
+        return SecondPass(self.layer, self._first["eigenvectors"], ranks)
+
+    def finish_second(self, *shards: SecondPass) -> None:
+        """Merge the shards' pass-2 accumulators (together they hold every image once)."""
+        self._second = _merged(shards, SecondPass).rows.ordered(self.layer.num_images)
+
+    # ----------------------------------------------------------------------------------- pass 3
+    def pair_pass(self) -> PairPass:
+        """An empty pass-3 accumulator (needs `finish_first`); feed it batches of `pair_chunks(*self.pairs, m)`."""
+        ranks = self._rotation_ranks()
+        first, second = self.pairs
+        sizes = torch.minimum(ranks[first], ranks[second]).mT.contiguous()
+        shape = (len(spectra.ROTATION_KEYS), first.numel())
+        return PairPass(
+            self.layer,
+            first,
+            second,
+            sizes,
+            int(ranks.max()),
+            torch.zeros(shape, dtype=torch.float64),
+            torch.zeros(shape, dtype=torch.float64),
+            torch.zeros(first.numel(), dtype=torch.bool),
+        )
+
+    def finish_pairs(self, *shards: PairPass) -> None:
+        """Merge the pass-3 accumulators; together they must have done every pair (none to pass without pairs)."""
+        if self.pairs[0].numel() == 0 and not shards:
+            return
+        merged = _merged(shards, PairPass)
+        if not merged.done.all():
+            raise ValueError(f"{int((~merged.done).sum())} of {merged.done.numel()} pairs never had both images")
+        self._pairs = merged
+
+    def _pairwise(self) -> dict[str, tuple[Tensor, Tensor]]:
+        if self.pairs[0].numel() == 0:
+            return {}
+        pairs = self._require(self._pairs, "finish_pairs")
+        return {key: (pairs.overlap[col], pairs.angle[col]) for col, key in enumerate(spectra.ROTATION_KEYS)}
+
+    # ---------------------------------------------------------------------------------- results
+    @staticmethod
+    def _require(value, step: str):
+        if value is None:
+            raise RuntimeError(f"call {step} first")
+        return value
+
+    def _values(self) -> spectra.LayerValues:
+        first = self._require(self._first, "finish_first")
+        second = self._require(self._second, "finish_second")
+        pairwise = self._pairwise()
+        return spectra.LayerValues(
+            first["svd_rank"], first["eigenvalues"], second["captured"], _rotations(second), pairwise
+        )
+
+    def result(self) -> dict:
+        """`spectra.diagnose_layer`'s dict for the layer: same keys, same order, same numbers."""
+        values, first, layer = self._values(), self._first, self.layer
+        permuted = None
+        if layer.permutations > 0:  # the sums over every shard, the ratios [I, R, P] in dataset order
+            permuted = first["permuted_sum"], first["permuted_count"], first["sep_permuted"]
+        sep = spectra.sep_report(first["sep_count"], first["sep_curve"], first["sep_m2"], permuted, layer.seed)
+        return spectra.layer_report(values, layer.thresholds, layer.tokens, sep)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """`ray_tasks.per_image_arrays`' dict for the layer: per-image ranks, overlaps and angles, numpy."""
+        return spectra.layer_arrays(self._values(), self.layer.thresholds)
