@@ -37,6 +37,16 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def digits_script_sweep(ray_cluster, tmp_path_factory):
+    """The embedded digits sweep (two arms, one epoch), run once by a script through ``encmm.sweep`` and
+    ``encmm.report`` on the session's cluster (``tests/digits_script.py``): {"process", "folder", "uri"}."""
+    from tests.digits_script import run_digits_script
+
+    address = ray_cluster.get_runtime_context().gcs_address  # the session's cluster: no second one on 2 cores
+    return run_digits_script(tmp_path_factory.mktemp("digits-script"), address)
+
+
 @pytest.fixture()
 def inject_fault():
     """``inject_fault(name, match=..., epoch=..., batch=..., marker=...)`` arms a SIGKILL for the runs whose

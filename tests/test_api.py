@@ -4,7 +4,6 @@ script, on the CLI's own validation and run path, and ``fit`` on a user's own da
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,52 +155,12 @@ def test_fit_trains_and_evaluates_on_a_users_own_data_bundle(tmp_path, monkeypat
     assert head and head[0].shape[0] == 3
 
 
-SCRIPT = '''\
-"""A user's script: the embedded digits sweep, cut to two arms and one epoch, from Python."""
-import json, shutil, sys
-from pathlib import Path
-
-import yaml
-
-import encmm
-from encmm.orchestrator.experiments import shipped_experiments
-
-uri, address = sys.argv[1], sys.argv[2]
-shipped = shipped_experiments()
-sweep = yaml.safe_load(shipped["digits"].read_text())
-sweep["search"]["arms"] = {name: sweep["search"]["arms"][name] for name in ("none", "lift")}
-sweep["claims"] = [claim for claim in sweep["claims"] if {claim["a"], claim["b"]} <= {"none", "lift"}]
-sweep["mismatch_images"] = 32
-shutil.copy(shipped[sweep["base"].removesuffix(".yaml")], sweep["base"])  # a relative base: ./digits-student.yaml
-teacher = yaml.safe_load(shipped["digits-teacher"].read_text())
-teacher["schedule"].update(epochs=2, warmup_epochs=0)
-Path("teacher.yaml").write_text(yaml.safe_dump(teacher))
-sweep["teacher_training"] = "teacher.yaml"
-
-result = encmm.sweep(sweep, overrides=["schedule.epochs=1", "schedule.warmup_epochs=0"], tracking_uri=uri,
-                     address=address)
-report = encmm.report(result.name, tracking_uri=uri)
-Path("result.json").write_text(json.dumps({
-    "type": type(result).__name__, "name": result.name, "parent_run_id": result.parent_run_id,
-    "status": result.status, "rows": result.rows, "best": result.best, "total": result.total_trials,
-    "report_type": type(report).__name__, "report_rows": report.rows, "report_out": str(report.out)}))
-'''
-
-
 @pytest.mark.ray
-def test_script_runs_the_digits_sweep_through_the_api_and_reports_it(ray_cluster, tmp_path):
+def test_script_runs_the_digits_sweep_through_the_api_and_reports_it(digits_script_sweep):
     from mlflow.tracking import MlflowClient
 
-    (tmp_path / "script.py").write_text(SCRIPT)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    address = ray_cluster.get_runtime_context().gcs_address  # the session's cluster: no second one on 2 cores
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    # That cluster listens on 127.0.0.1 only (orchestrator/ray_cluster.py): keep the joining driver's node IP
-    # on loopback too, as init_ray does for the node it starts, or Ray swaps in the routable IP and never connects.
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    done = subprocess.run(
-        [sys.executable, "script.py", uri, address], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420
-    )
+    done, tmp_path = digits_script_sweep["process"], digits_script_sweep["folder"]
+    uri = digits_script_sweep["uri"]
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["type"] == "SweepResult" and result["total"] == 2 and result["status"] == "FINISHED"

@@ -18,7 +18,6 @@ import pytest
 import timm
 import torch
 from scipy import stats
-from test_sweep import TINY_BASE, write_yaml
 from typer.testing import CliRunner
 
 from encmm.orchestrator import report_figures as rf
@@ -35,41 +34,19 @@ TABLES = {"report.csv", "report.md", "claims.csv", "mismatch_vs_top1.csv"}
 
 
 @pytest.fixture(scope="module")
-def tiny_sweep(ray_cluster, tmp_path_factory):
-    """Teacher + two students (remedy none / lift), 1 epoch each, built once by the real sweep code."""
-    from encmm.orchestrator import sweep_command as sc
-
-    folder = tmp_path_factory.mktemp("report-sweep")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    old_cwd = Path.cwd()
-    os.chdir(folder)
-    try:
-        write_yaml(
-            folder / "teacher.yaml",
-            {**TINY_BASE, "name": "tiny-teacher", "student": {**TINY_BASE["student"], "width": 64}},
-        )
-        sweep_file = write_yaml(
-            folder / "sweep.yaml",
-            {
-                "name": "tiny",
-                "teacher_training": "teacher.yaml",
-                "mismatch_images": 40,
-                "base": {**TINY_BASE, "kd": {"beta": 1.0, "alpha": 0.5}},
-                "search": {"grid": {"student.remedy": ["none", "lift"]}},
-            },
-        )
-        setup = sc.prepare_sweep(str(sweep_file), [], uri)
-        plan = sc.start_sweep(setup, None)
-        rows, _ = sc.run_sweep(plan, resume=False, address=None)
-    finally:
-        os.chdir(old_cwd)
-    assert [r["status"] for r in rows] == ["FINISHED", "FINISHED"]
+def tiny_sweep(digits_script_sweep):
+    """The embedded digits sweep cut to arms none / lift, one epoch each, with its teacher: run once per
+    session by a user's script through the API (tests/digits_script.py), shared with test_api."""
+    done = digits_script_sweep["process"]
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    result = json.loads((digits_script_sweep["folder"] / "result.json").read_text())
+    assert [r["status"] for r in result["rows"]] == ["FINISHED", "FINISHED"]
     return {
-        "uri": uri,
-        "name": plan.name,
-        "parent": plan.parent_run_id,
-        "folder": folder,
-        "experiment": plan.experiment,
+        "uri": digits_script_sweep["uri"],
+        "name": result["name"],
+        "parent": result["parent_run_id"],
+        "folder": digits_script_sweep["folder"],
+        "experiment": "encmm",
     }
 
 
@@ -91,7 +68,7 @@ def test_report_by_name_writes_table_claims_and_plots_and_logs_them_to_the_paren
     assert [r["arm"] for r in table] == ["none", "lift"]  # REMEDY_ORDER, not alphabetical
     assert "img_per_s" not in table[0]
     for row in table:
-        assert row["kd.alpha"] == "0.5" and row["width"] == "32" and row["n"] == "1"
+        assert row["kd.alpha"] == "0.9" and row["width"] == "32" and row["n"] == "1"  # digits-student.yaml
         assert 0 <= float(row["top1_best_mean"]) <= 100
         assert row["top1_best_sd"] == row["top1_best_ci_low"] == row["top1_best_ci_high"] == ""  # n=1: no spread
         assert float(row["gflops"]) > 0 and int(row["params_inference"]) > 0
@@ -99,16 +76,16 @@ def test_report_by_name_writes_table_claims_and_plots_and_logs_them_to_the_paren
     plain, lift = table
     assert int(lift["params_inference"]) > int(plain["params_inference"])  # the projector stays at inference
     assert float(lift["gflops"]) > float(plain["gflops"])
-    assert f"| none | none | 0.5 | 1.0 | 32 | 1 | {float(plain['top1_best_mean']):.2f} (n=1) |" in result.output
+    assert f"| none | none | 0.9 | 1.0 | 32 | 1 | {float(plain['top1_best_mean']):.2f} (n=1) |" in result.output
     assert "± " not in result.output and "not in the table" not in result.output
-    # the default claim lift > none, one seed a side: a difference, no test
+    # the claim the sweep declares (lift > none), one seed a side: a difference, no test
     claims = read_table(out, "claims.csv")
     assert [(c["claim"], c["a"], c["b"], c["n_a"], c["n_b"], c["p"], c["verdict"]) for c in claims] == [
-        ("lift > none", "lift", "none", "1", "1", "", "inconclusive (n=1/1)")
+        ("Lift improves feature KD", "lift", "none", "1", "1", "", "inconclusive (n=1/1)")
     ]
     diff = float(lift["top1_best_mean"]) - float(plain["top1_best_mean"])
     assert float(claims[0]["diff"]) == pytest.approx(diff, abs=1e-6)
-    assert f"| lift > none | lift | none | {diff:+.2f} | - | inconclusive (n=1/1) |" in result.output
+    assert f"| Lift improves feature KD | lift | none | {diff:+.2f} | - | inconclusive (n=1/1) |" in result.output
     # mismatch vs accuracy: two trials are too few for a rank correlation, and the report says so
     correlations = read_table(out, "mismatch_vs_top1.csv")
     assert [c["metric"] for c in correlations] == list(rt.MISMATCH_KEYS)
@@ -165,7 +142,7 @@ def test_report_names_failed_and_running_trials_and_reports_the_rest(tiny_sweep,
     assert f"trial trial_running ({extra['trial_running'][:8]}) is still running: not in the table" in result.output
     assert "4 trials, 2 finished, 1 running, 1 failed" in result.output
     assert [r["remedy"] for r in read_table(tmp_path / "partial")] == ["none", "lift"]
-    assert [c["claim"] for c in read_table(tmp_path / "partial", "claims.csv")] == ["lift > none"]
+    assert [c["claim"] for c in read_table(tmp_path / "partial", "claims.csv")] == ["Lift improves feature KD"]
 
 
 # ------------------------------------------------------------------ grouping, claims, FLOPs (no sweep)
