@@ -31,12 +31,25 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+# The last stop signal a handler here received: Ray's blocking calls (ray.get, ray.wait) turn an exception
+# raised by a signal handler into a plain KeyboardInterrupt, which loses the signal.
+_last_signal: list[int] = []
+
+
 def exit_code(exc: KeyboardInterrupt) -> int:
-    """128 + the signal that stopped the command; a plain ``KeyboardInterrupt`` is Ctrl-C (130)."""
-    return exc.exit_code if isinstance(exc, Interrupted) else 128 + signal.SIGINT
+    """128 + the signal that stopped the command: the exception's own, else the last one received here,
+    else Ctrl-C's (130)."""
+    if isinstance(exc, Interrupted):
+        return exc.exit_code
+    return 128 + (_last_signal[-1] if _last_signal else signal.SIGINT)
+
+
+def _record(signum: int) -> None:
+    _last_signal[:] = [int(signum)]
 
 
 def _raise(signum, frame):
+    _record(signum)
     raise Interrupted(signum)
 
 
@@ -45,6 +58,7 @@ def _handlers(handler, signals) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
         yield
         return
+    _last_signal.clear()
     previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
@@ -74,8 +88,9 @@ def graceful(stop: Callable[[int], None], signals=STOP_SIGNALS) -> Iterator[Rece
 
     def handler(signum, frame):
         if received.signum is not None:
-            raise Interrupted(signum)
+            _raise(signum, frame)
         received.signum = int(signum)
+        _record(signum)
         stop(signum)
 
     with _handlers(handler, signals):

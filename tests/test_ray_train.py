@@ -20,7 +20,7 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint_and_matches_an_unin
     monkeypatch.chdir(tmp_path)
     overrides = [
         *TINY_DIGITS,
-        "schedule.epochs=3",
+        "schedule.epochs=2",
         "schedule.warmup_epochs=0",
         "optim.lr=3e-3",
         "optim.lr_base_batch=64",
@@ -40,7 +40,7 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint_and_matches_an_unin
     assert run.data.params["resources.workers"] == "2" and run.data.params["student.width"] == "32"
     # Resumed from the epoch-0 checkpoint: only epoch 1 was repeated, every epoch logged exactly once.
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")]
-    assert sorted(steps) == [0, 1, 2]
+    assert sorted(steps) == [0, 1]
     assert len(client.search_runs([run.info.experiment_id], "attributes.run_name LIKE 'ray-killed%'")) == 1
     # Same seed, same result as the run nobody killed (DDP over gloo on CPU: equal up to float rounding).
     for key in ("train/loss", "val/loss", "val/acc1", "best/val/acc1"):

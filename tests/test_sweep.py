@@ -171,7 +171,7 @@ def test_sweep_driver_killed_mid_sweep_resumes_without_rerunning_or_duplicating_
             "name": "resumable",
             "max_concurrent_trials": 1,
             "base": {**TINY_BASE, "student": {**TINY_BASE["student"], "target_width": 48}},
-            "search": {"grid": {"student.remedy": ["none", "lift", "widelast"]}},
+            "search": {"grid": {"student.remedy": ["none", "lift"]}},
         },
     )
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "MLFLOW_TRACKING_URI": uri}
@@ -218,11 +218,11 @@ def test_sweep_driver_killed_mid_sweep_resumes_without_rerunning_or_duplicating_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     trial_ids = [c.data.tags["encmm.trial_id"] for c in children]
-    assert len(children) == 3 and len(set(trial_ids)) == 3  # no duplicate child runs
+    assert len(children) == 2 and len(set(trial_ids)) == 2  # no duplicate child runs
     assert all(c.info.status == "FINISHED" for c in children)
     again = client.get_run(first_finished.info.run_id)
     assert again.info.end_time == first_finished.info.end_time  # the finished trial was not re-run
     assert [m.step for m in client.get_metric_history(again.info.run_id, "val/acc1")] == [0]
     parent = client.get_run(parent_id)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/finished"] == 3
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/finished"] == 2
     assert {"summary.csv", "summary.md"} <= {a.path for a in client.list_artifacts(parent_id)}
