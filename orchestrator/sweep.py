@@ -21,6 +21,7 @@ import threading
 import traceback
 from typing import Any
 
+import ray
 from ray import tune
 
 from encmm.orchestrator import tracking
@@ -89,6 +90,8 @@ def run_trial(config: dict[str, Any], plan: RuntimePlan) -> None:
         },
         parent_run_id=plan.parent_run_id,
     )
+    # Where this attempt runs (a retry after a lost node runs elsewhere): the node a user looks up in Ray.
+    tracking.set_tags(uri, run_id, {"encmm.node_id": ray.get_runtime_context().get_node_id()})
     storage = plan.sweep_dir / "trials"
     logger = tracking.RunLogger(uri, run_id, spool=str(storage / trial_id / tracking.SPOOL_FILE))
     try:
