@@ -1,7 +1,7 @@
 """Feature collection for the diagnostics (paper.md, "Diagnostics", common protocol).
 
 Features are block outputs, patch tokens only (prefix tokens such as CLS removed), no final norm, one
-`[I, N, C]` float32 CPU tensor per layer. They come from timm's `forward_intermediates(x, indices,
+`[B, N, C]` float32 tensor per layer and batch. They come from timm's `forward_intermediates(x, indices,
 norm=False, output_fmt="NLC", intermediates_only=True)`, so every timm family that has it works:
 
 - ViT / DeiT: one layer per block of `model.blocks`.
@@ -20,14 +20,20 @@ not import the training package:
   block (patch tokens of its output, after the entry Linear + LayerNorm fed it); the last layer is
   the last widened block, as distilled.
 
-Ray- and MLflow-free: the orchestrator drives it, the spectra run elsewhere.
+Images come from picklable sources (`ResizedImages`, `ImageFiles`, `DatasetImages`) that return any batch
+of the selected images by position; `ModelFeatures` pairs a model with a source and reads the features of
+one batch at a time, so a worker holds one batch's features, never a whole layer's `[I, N, C]`.
+
+Ray- and MLflow-free: the orchestrator drives it (analysis/ray_tasks.py runs it in Ray workers), the
+spectra run elsewhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -139,26 +145,95 @@ def image_folder_files(root: str | Path, k: int) -> list[Path]:
     return files
 
 
-def file_batches(files: Sequence[Path], transform, batch_size: int) -> Iterator[Tensor]:
-    """Load, convert to RGB and transform image files in order, `batch_size` at a time: `[B, 3, H, W]`."""
-    from PIL import Image
+# ------------------------------------------------------------------------------ image sources
+# Each source is a small picklable object that a Ray worker receives: `images(positions)` returns the
+# normalised `[B, 3, H, W]` float32 batch of the images at those positions (global image indices 0..I-1,
+# in selection order), whatever subset or order is asked for. File handles, transforms and datasets are
+# built lazily in the process that reads, never pickled.
+class ImageSource(Protocol):
+    def __len__(self) -> int: ...
 
-    for start in range(0, len(files), batch_size):
+    def images(self, positions: Sequence[int]) -> Tensor: ...
+
+
+class ResizedImages:
+    """Images held at their native size `[I, 3, h, w]` (normalised with `source_mean`/`source_std`), resized
+    (`resize_images`) and re-normalised (`renormalise`) to `spec` one batch at a time: each image gets the
+    numbers it gets when all are resized at once, without holding them all at the model's size."""
+
+    def __init__(self, images: Tensor, spec: InputSpec, source_mean, source_std):
+        self.native, self.spec = images.contiguous(), spec
+        self.source_mean, self.source_std = tuple(source_mean), tuple(source_std)
+
+    def __len__(self) -> int:
+        return int(self.native.shape[0])
+
+    def images(self, positions: Sequence[int]) -> Tensor:
+        batch = resize_images(self.native[list(positions)], self.spec.size)
+        return renormalise(batch, self.source_mean, self.source_std, self.spec.mean, self.spec.std)
+
+
+class _LazyState:
+    """Pickles without the attributes named in `_lazy` (rebuilt on first use where the object is read)."""
+
+    _lazy: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._lazy}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+class ImageFiles(_LazyState):
+    """Image files (absolute paths, in selection order) through the model's eval transform (`eval_transform`)."""
+
+    _lazy = ("_transform",)
+
+    def __init__(self, files: Sequence[str | Path], spec: InputSpec):
+        self.files, self.spec = [str(Path(f).resolve()) for f in files], spec
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def images(self, positions: Sequence[int]) -> Tensor:
+        from PIL import Image
+
+        if getattr(self, "_transform", None) is None:
+            self._transform = eval_transform(self.spec)
         batch = []
-        for path in files[start : start + batch_size]:
-            with Image.open(path) as image:
-                batch.append(transform(image.convert("RGB")))
-        yield torch.stack(batch)
+        for position in positions:
+            with Image.open(self.files[position]) as image:
+                batch.append(self._transform(image.convert("RGB")))
+        return torch.stack(batch)
 
 
-def dataset_batches(dataset, indices: Sequence[int], batch_size: int) -> Iterator[Tensor]:
-    """Items `indices` of a map-style dataset returning (image tensor, label), batched in order."""
-    for start in range(0, len(indices), batch_size):
-        yield torch.stack([dataset[i][0] for i in indices[start : start + batch_size]])
+class DatasetImages(_LazyState):
+    """Items `indices` (in selection order) of a timm dataset `timm.data.create_dataset(name, root=root,
+    split=split, download=False)` with the model's eval transform; each reading process opens it once."""
 
+    _lazy = ("_dataset",)
 
-def tensor_batches(images: Tensor, batch_size: int) -> Iterator[Tensor]:
-    yield from images.split(batch_size)
+    def __init__(self, name: str, root: str | Path, indices: Sequence[int], spec: InputSpec, split: str = "validation"):
+        self.name, self.root, self.split = name, str(Path(root).resolve()), split
+        self.indices, self.spec = [int(i) for i in indices], spec
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def open(self):
+        """The dataset (created on first use in this process)."""
+        if getattr(self, "_dataset", None) is None:
+            from timm.data import create_dataset
+
+            self._dataset = create_dataset(
+                self.name, root=self.root, split=self.split, download=False, transform=eval_transform(self.spec)
+            )
+        return self._dataset
+
+    def images(self, positions: Sequence[int]) -> Tensor:
+        dataset = self.open()
+        return torch.stack([dataset[self.indices[p]][0] for p in positions])
 
 
 # --------------------------------------------------------------------------------- extraction
@@ -218,7 +293,10 @@ def _all_layers(model: nn.Module, x: Tensor) -> list[Tensor]:
     return _timm_intermediates(model, x, None)
 
 
-def _layers_of(model: nn.Module, x: Tensor, layers: Sequence[int] | None) -> list[Tensor]:
+def layers_of(model: nn.Module, x: Tensor, layers: Sequence[int] | None) -> list[Tensor]:
+    """The features of one batch `x` `[B, 3, H, W]`: `[B, N_l, C_l]` for each of `layers` (ascending
+    non-negative indices; None: every layer), as the module docstring defines them. The caller sets eval
+    mode and `torch.no_grad`."""
     if _encmm_kind(model) is None and layers is not None:
         return _timm_intermediates(model, x, list(layers))  # timm runs only what the indices need
     outputs = _all_layers(model, x)
@@ -255,35 +333,30 @@ def probe_layers(model: nn.Module, size: tuple[int, int]) -> list[tuple[int, int
     return [(int(o.shape[1]), int(o.shape[2])) for o in outputs]
 
 
-def collect_features(
-    model: nn.Module,
-    batches: Iterable[Tensor],
-    *,
-    layers: Sequence[int] | None = None,
-    device: torch.device | str = "cpu",
-    progress: Callable[[int], None] | None = None,
-) -> list[Tensor]:
-    """Run `batches` (`[B, 3, H, W]`, already normalised) through `model` and keep block outputs.
+class ModelFeatures:
+    """A model and its image source, read one batch at a time: `read(positions)` runs the images at those
+    positions through the model (eval mode, `torch.no_grad`, float32: the spectra are sensitive to
+    precision) and returns one `[b, N_l, C_l]` float32 tensor per selected layer, on the model's device.
 
-    Returns one float32 CPU tensor `[I, N_l, C_l]` per selected layer (all layers when `layers` is None,
-    else the given non-negative indices in ascending order). `progress(b)` is called with each batch
-    size. Runs in eval mode under `torch.no_grad` on `device`, in float32: the spectra are sensitive to
-    precision.
+    Picklable (the model's weights travel with it), so that a Ray worker can hold a replica; `to(device)`
+    moves it where the worker reads.
     """
-    check_extractable(model)
-    layers = None if layers is None else sorted(set(int(i) for i in layers))
-    device = torch.device(device)
-    model = model.eval().to(device)
-    per_layer: list[list[Tensor]] | None = None
-    with torch.no_grad():
-        for batch in batches:
-            outputs = _layers_of(model, batch.to(device, torch.float32), layers)
-            if per_layer is None:
-                per_layer = [[] for _ in outputs]
-            for store, output in zip(per_layer, outputs):
-                store.append(output.detach().float().cpu())
-            if progress is not None:
-                progress(batch.shape[0])
-    if per_layer is None:
-        raise ValueError("no images to extract features from")
-    return [torch.cat(store) for store in per_layer]
+
+    def __init__(self, model: nn.Module, source: ImageSource, layers: Sequence[int] | None = None):
+        check_extractable(model)
+        self.model, self.source = model.eval(), source
+        self.layers = None if layers is None else sorted(set(int(i) for i in layers))
+        self.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def to(self, device: torch.device | str) -> ModelFeatures:
+        self.device = torch.device(device)
+        self.model = self.model.eval().to(self.device)
+        return self
+
+    def read(self, positions: Sequence[int]) -> list[Tensor]:
+        x = self.source.images(positions).to(self.device, torch.float32)
+        with torch.no_grad():
+            return [output.float() for output in layers_of(self.model, x, self.layers)]

@@ -1,15 +1,26 @@
-"""The one module of analysis/ that speaks Ray: per-layer diagnostics fanned out as Ray tasks.
+"""The one module of analysis/ that speaks Ray: the diagnostics streamed over sharded worker actors.
 
-Each layer's `[I, N, C]` features go into the object store once (`ray.put`, as numpy: zero-copy for
-the tasks on the same node) and one task per layer runs `analysis.spectra.diagnose_layer`. Layers
-listed in `arrays_for` also return per-image arrays for the figures (ranks, rotation overlaps and
-angles). Results come back in layer order; `on_done(position)` fires as each task finishes, so the
-caller can drive a progress bar.
+`stream_diagnostics` runs the passes of `analysis.streaming` (one `LayerStream` per layer) over the images
+of a picklable feature reader (`features.ModelFeatures`: a model and its image source, or a
+`saved_features.SavedFeatures`). The reader goes into the object store once (`ray.put`: one model replica
+per worker, on that worker's device) and N `ShardWorker` actors each read a shard of the images batch by
+batch, feed every layer's accumulator and drop the batch's features right away; after each read the driver
+fetches the accumulators and merges them. Two reads: pass 1 (`finish_first`), then passes 2 and 3 together
+over the batches of `streaming.sweep_batches` (`finish_sweep`), dealt round-robin. Nobody holds a layer's
+`[I, N, C]` features: a worker holds its accumulators (O(layers x C^2) plus a few numbers per image) and
+one batch.
+
+Shards, call order and merge order are fixed by the image count, the batch size and the worker count, so
+a run is reproducible; different worker counts agree to float64 round-off (see `analysis.streaming`).
+
+`per_image_arrays` is the in-memory reference of `LayerStream.arrays`.
 """
 
 from __future__ import annotations
 
-import warnings
+import math
+import os
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -17,12 +28,10 @@ import ray
 import torch
 
 from encmm.analysis import spectra
+from encmm.analysis.streaming import LayerStream, sweep_batches
 
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():  # object-store arrays are read-only; nothing here writes to them
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
+BATCHES_PER_CALL = 2  # per actor call: small, so that the driver's progress bar moves often
+CALLS_IN_FLIGHT = 2  # per actor: the next call is queued while one runs
 
 
 def per_image_arrays(
@@ -52,57 +61,136 @@ def per_image_arrays(
     return arrays
 
 
+# ------------------------------------------------------------------------------------ the workers
 @ray.remote
-def _diagnose_task(
-    features: np.ndarray,
-    thresholds: list[float],
-    center: bool,
-    permutations: int,
-    num_pairs: int,
-    seed: int,
-    with_arrays: bool,
-    device: str,
-) -> tuple[dict, dict | None]:
-    x = _tensor(features).to(device)
-    result = spectra.diagnose_layer(
-        x, thresholds, center=center, permutations=permutations, num_pairs=num_pairs, seed=seed
-    )
-    arrays = per_image_arrays(x.cpu(), thresholds, center, num_pairs, seed) if with_arrays else None
-    return result, arrays
+class ShardWorker:
+    """One reader replica on its own device, and the accumulators of every diagnosed layer for the pass in
+    progress. `add` reads batches (`reader.read(positions)` -> one `[b, N_l, C_l]` per layer) into them."""
+
+    def __init__(self, reader, device: str, threads: int):
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        self.reader = reader.to(device)
+        self.accumulators: list = []
+
+    def start(self, accumulators: list) -> None:
+        """Begin a pass with one empty accumulator per layer."""
+        self.accumulators = accumulators
+
+    def add(self, batches: list[tuple[list[int], list[int] | None]]) -> int:
+        """Read each batch of image positions and add it to every layer, with the positions it owns where a
+        pass takes them (`SweepPass`; None: all); returns the number of images read."""
+        for positions, owned in batches:
+            features = self.reader.read(positions)
+            for accumulator, layer in zip(self.accumulators, features):
+                if owned is None:
+                    accumulator.add(positions, layer)
+                else:
+                    accumulator.add(positions, layer, owned)
+            del features  # before the next batch is read
+        return sum(len(positions) for positions, _ in batches)
+
+    def take(self) -> list:
+        """The pass's filled accumulators, one per layer (the worker keeps none)."""
+        accumulators, self.accumulators = self.accumulators, []
+        return accumulators
 
 
-def diagnose_layers(
-    layers: Sequence[torch.Tensor],
-    *,
-    thresholds: Sequence[float],
-    center: bool = False,
-    permutations: int = 0,
-    num_pairs: int = 500,
-    seed: int = 0,
-    arrays_for: Sequence[int] = (),
-    num_gpus: float = 0.0,
-    on_done: Callable[[int], None] | None = None,
-) -> list[tuple[dict, dict | None]]:
-    """Run `diagnose_layer` on every `[I, N, C]` tensor of `layers` as parallel Ray tasks.
+def _fraction(total: float, count: int) -> float:
+    """1 per worker when `total` allows it, else an equal share (Ray takes multiples of 1e-4)."""
+    return 1.0 if count <= total else max(1e-4, math.floor(total / count * 1e4) / 1e4)
 
-    `arrays_for`: positions in `layers` that also return `per_image_arrays`. With `num_gpus` > 0 each
-    task takes that share of a GPU and runs the math there. Returns [(diagnostics, arrays or None)] in
-    the order of `layers`. Ray must be initialised by the caller.
+
+def worker_placement(workers: int | None, max_workers: int, use_gpu: bool) -> tuple[int, dict, str, int]:
+    """(worker count, actor resources, device, torch threads per worker) on the connected cluster.
+
+    With `use_gpu` and GPUs in the cluster: one GPU per worker, default as many workers as GPUs are free.
+    Otherwise one CPU per worker, default as many as CPUs are free. Capped by `max_workers` (the number of
+    batches); more workers than the cluster has share its CPUs / GPUs in fractions (whole ones would leave
+    some workers waiting for ever for resources the others hold until the end). Each worker runs torch on
+    the cluster's CPUs divided by the worker count (at least 1 thread).
     """
-    device = "cuda" if num_gpus > 0 else "cpu"
-    task = _diagnose_task.options(num_gpus=num_gpus) if num_gpus > 0 else _diagnose_task
-    refs = [ray.put(layer.numpy()) for layer in layers]
-    pending = {
-        task.remote(
-            ref, list(thresholds), center, permutations, num_pairs, seed, position in arrays_for, device
-        ): position
-        for position, ref in enumerate(refs)
-    }
-    results: list = [None] * len(refs)
+    cluster, free = ray.cluster_resources(), ray.available_resources()
+    cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0) if use_gpu else 0.0
+    if gpus >= 1:
+        count = workers or max(1, int(free.get("GPU", 0.0)))
+    else:
+        count = workers or max(1, int(free.get("CPU", 0.0)))
+    count = max(1, min(count, max_workers))
+    resources = {"num_cpus": _fraction(cpus, count)}
+    if gpus >= 1:
+        resources["num_gpus"] = _fraction(gpus, count)
+    return count, resources, "cuda" if gpus >= 1 else "cpu", max(1, int(cpus // count))
+
+
+# ------------------------------------------------------------------------------------- the driver
+def _contiguous_shards(batches: list, count: int) -> list[list]:
+    """`count` runs of consecutive batches, as even as the batch count allows."""
+    bounds = np.linspace(0, len(batches), count + 1).round().astype(int)
+    return [batches[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _run_pass(actors: list, start: Callable[[], list], shards: list[list], progress) -> list[list]:
+    """One pass: every actor starts from `start()` (one empty accumulator per layer) and reads its shard, a
+    few batches per call; returns the filled accumulators `[layer][actor]`."""
+    ray.get([actor.start.remote(start()) for actor in actors])
+    calls = [deque(shard[i : i + BATCHES_PER_CALL] for i in range(0, len(shard), BATCHES_PER_CALL)) for shard in shards]
+    pending: dict = {}
+
+    def submit(position: int) -> None:
+        if calls[position]:
+            pending[actors[position].add.remote(calls[position].popleft())] = position
+
+    for position in range(len(actors)):
+        for _ in range(CALLS_IN_FLIGHT):
+            submit(position)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         position = pending.pop(done[0])
-        results[position] = ray.get(done[0])
-        if on_done is not None:
-            on_done(position)
-    return results
+        progress(ray.get(done[0]))
+        submit(position)
+    per_actor = ray.get([actor.take.remote() for actor in actors])
+    return [list(layer) for layer in zip(*per_actor)]
+
+
+def stream_diagnostics(
+    streams: Sequence[LayerStream],
+    reader,
+    *,
+    batch_size: int,
+    workers: int | None = None,
+    use_gpu: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Run the passes of every layer's `LayerStream` (same images, pairs and seed; in the order of
+    `reader.read`'s layers) over `reader`'s images on sharded `ShardWorker` actors; afterwards each
+    stream's `result()` and `arrays()` are ready. Returns the number of workers used.
+
+    Read 1 (pass 1): images 0..I-1 in batches of `batch_size` consecutive positions, each worker one
+    contiguous run of batches. Read 2 (passes 2 and 3): the batches of `sweep_batches`, batch j on worker
+    j mod N. `progress(images, total)` once with 0 images, then after each call; total = images read over
+    both reads.
+    Ray must be initialised by the caller; the actors are killed on return or error.
+    """
+    num_images = len(reader)
+    batches = [(list(range(a, min(a + batch_size, num_images))), None) for a in range(0, num_images, batch_size)]
+    sweep = sweep_batches(num_images, *streams[0].pairs, batch_size)
+    total = num_images + sum(len(images) for images, _ in sweep)
+    report = (lambda n: progress(n, total)) if progress is not None else (lambda n: None)
+    report(0)
+    count, resources, device, threads = worker_placement(workers, len(batches), use_gpu)
+    reader_ref = ray.put(reader)
+    actors = [ShardWorker.options(**resources).remote(reader_ref, device, threads) for _ in range(count)]
+
+    def run(empty: Callable[[LayerStream], object], shards: list) -> list[tuple[LayerStream, list]]:
+        return list(zip(streams, _run_pass(actors, lambda: [empty(s) for s in streams], shards, report)))
+
+    try:
+        for stream, parts in run(LayerStream.first_pass, _contiguous_shards(batches, count)):
+            stream.finish_first(*parts)
+        for stream, parts in run(LayerStream.sweep_pass, [sweep[position::count] for position in range(count)]):
+            stream.finish_sweep(*parts)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        del reader_ref
+    return count

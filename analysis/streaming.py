@@ -19,6 +19,11 @@ passes over the images, recomputing the features each time (cheap next to the ma
    `spectra.pair_angles` when one batch holds both images.
    `pair_chunks` groups the pairs so that a batch of at most `max_images` images covers each group.
 
+Passes 2 and 3 need only pass 1's results, so a caller reads the images a second time only: `SweepPass` does
+both over the batches of `sweep_batches` (the pair groups, each image of which pass 2 takes once, then the
+images in no pair), computing each image's right singular bases once. Two reads in all, plus the images
+that recur across pair groups.
+
 Memory per accumulator: the `[C, C]` Gram and `[R, C]` permutation sums, one batch's working set, and its
 images' rows of O(C + R * P) numbers each (R permutations, P = 5 SEP thresholds); the driver holds those
 rows for all I images. Pass 3 holds the right singular bases `[m, C, k]` of one batch of m images.
@@ -47,7 +52,17 @@ from torch import Tensor
 from encmm.analysis import spectra
 from encmm.analysis.spectra import rotation_pairs
 
-__all__ = ["FirstPass", "LayerStream", "PairPass", "SecondPass", "pair_chunks", "pair_images", "rotation_pairs"]
+__all__ = [
+    "FirstPass",
+    "LayerStream",
+    "PairPass",
+    "SecondPass",
+    "SweepPass",
+    "pair_chunks",
+    "pair_images",
+    "rotation_pairs",
+    "sweep_batches",
+]
 
 
 # ------------------------------------------------------------------------------------ image pairs
@@ -57,19 +72,59 @@ def pair_images(first: Tensor, second: Tensor) -> Tensor:
 
 
 def pair_chunks(first: Tensor, second: Tensor, max_images: int) -> list[Tensor]:
-    """Groups of pairs for pass 3: sorted unique image indices, at most `max_images` per group, such that
-    both images of every pair lie in one group. Greedy in pair order; an image can recur across groups."""
+    """Groups of pairs: sorted unique image indices, at most `max_images` per group, such that both images of
+    every pair lie in one group. Each group grows along the pairs that add the fewest new images (pairs
+    share images), so the images read over all groups stay few; an image can recur across groups.
+    Deterministic: the same pairs give the same groups."""
     if max_images < 2:
         raise ValueError(f"max_images must be >= 2 (a pair has two images), got {max_images}")
-    chunks, current = [], set()
-    for a, b in zip(first.tolist(), second.tolist()):
-        if len(current | {a, b}) > max_images:
-            chunks.append(torch.tensor(sorted(current)))
-            current = set()
-        current |= {a, b}
-    if current:
-        chunks.append(torch.tensor(sorted(current)))
-    return chunks
+    pairs = list(zip(first.tolist(), second.tolist()))
+    touching: dict[int, list[int]] = {}
+    for index, (a, b) in enumerate(pairs):
+        touching.setdefault(a, []).append(index)
+        touching.setdefault(b, []).append(index)
+    taken = [False] * len(pairs)
+    chunks, start = [], 0
+    while True:
+        while start < len(pairs) and taken[start]:
+            start += 1
+        if start == len(pairs):
+            return chunks
+        images: set[int] = set()
+        candidate: int | None = start
+        while candidate is not None:
+            taken[candidate] = True
+            images.update(pairs[candidate])
+            best = None  # (new images, pair) over the pairs touching the group that still fit
+            for image in sorted(images):
+                for index in touching[image]:
+                    new = len(set(pairs[index]) - images)
+                    if not taken[index] and len(images) + new <= max_images and (best is None or (new, index) < best):
+                        best = (new, index)
+            if best is not None:
+                candidate = best[1]
+            else:  # nothing touching fits: the next pair in order, if both its images fit
+                candidate = next((i for i in range(start, len(pairs)) if not taken[i]), None)
+                if candidate is not None and len(images | set(pairs[candidate])) > max_images:
+                    candidate = None
+        chunks.append(torch.tensor(sorted(images)))
+
+
+def sweep_batches(num_images: int, first: Tensor, second: Tensor, batch_size: int) -> list[tuple[list[int], list[int]]]:
+    """The batches of the second read sweep (`SweepPass`: passes 2 and 3 together), as (images, owned).
+
+    First the `pair_chunks` of at most max(2, `batch_size`) images, then the images in no pair, `batch_size`
+    at a time. `owned` are the images a batch adds to pass 2: each image in exactly one batch (the first
+    that holds it); every image of a batch serves its pairs.
+    """
+    batches, seen = [], set()
+    for chunk in pair_chunks(first, second, max(2, batch_size)) if first.numel() else []:
+        images = chunk.tolist()
+        batches.append((images, [i for i in images if i not in seen]))
+        seen.update(images)
+    rest = [i for i in range(num_images) if i not in seen]
+    batches += [(rest[a : a + batch_size], rest[a : a + batch_size]) for a in range(0, len(rest), batch_size)]
+    return batches
 
 
 def _flat(rotations: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
@@ -203,11 +258,19 @@ class SecondPass:
 
     def add(self, indices: Tensor | Sequence[int], batch: Tensor | np.ndarray) -> None:
         """Add a batch `[b, N, C]` of the images at global `indices` `[b]`."""
-        indices, x = self.layer.batch(indices, batch)
+        self.add_prepared(*self.layer.batch(indices, batch))
+
+    @property
+    def bases_columns(self) -> int:
+        """As many columns as the in-memory path computes (its maximum rank over all images), so that each
+        image's basis is the same product."""
+        return int(self.rotation_ranks.max())
+
+    def add_prepared(self, indices: Tensor, x: Tensor, bases: Tensor | None = None) -> None:
+        """`add` of a batch already through `layer.batch`; `bases`: its `right_singular_bases`, if computed."""
         captured = spectra.captured_energy(x, self.eigenvectors)
-        # As many columns as the in-memory path computes (its maximum rank over all images), so that each
-        # image's basis is the same product.
-        bases = spectra.right_singular_bases(x, int(self.rotation_ranks.max()))
+        if bases is None:
+            bases = spectra.right_singular_bases(x, self.bases_columns)
         rotations = spectra.rotations_to_shared(x, self.rotation_ranks[indices], self.eigenvectors, bases=bases)
         self.rows.add(indices, captured=captured, **_flat(rotations))
 
@@ -234,14 +297,18 @@ class PairPass:
     def add(self, indices: Tensor | Sequence[int], batch: Tensor | np.ndarray) -> None:
         """Add a batch `[b, N, C]` of the images at global `indices` `[b]` (e.g. one of `pair_chunks`):
         computes every pair not yet done whose two images are both in it."""
-        indices, x = self.layer.batch(indices, batch)
+        self.add_prepared(*self.layer.batch(indices, batch))
+
+    def add_prepared(self, indices: Tensor, x: Tensor, bases: Tensor | None = None) -> None:
+        """`add` of a batch already through `layer.batch`; `bases`: its `right_singular_bases`, if computed."""
         local = torch.full((self.layer.num_images,), -1, dtype=torch.long)
         local[indices] = torch.arange(indices.numel())
         a, b = local[self.first], local[self.second]
         todo = ((a >= 0) & (b >= 0) & ~self.done).nonzero().squeeze(-1)
         if todo.numel() == 0:
             return
-        bases = spectra.right_singular_bases(x, self.bases_columns)
+        if bases is None:
+            bases = spectra.right_singular_bases(x, self.bases_columns)
         for col in range(len(spectra.ROTATION_KEYS)):
             k_max = int(self.sizes[col].max())  # over all pairs, as pairwise_rotation pads
             overlap, angle = spectra.pair_angles(bases, a[todo], b[todo], self.sizes[col, todo], k_max)
@@ -253,6 +320,37 @@ class PairPass:
         new = other.done & ~self.done
         self.overlap[:, new], self.angle[:, new] = other.overlap[:, new], other.angle[:, new]
         self.done |= other.done
+        return self
+
+
+# ---------------------------------------------------------------------------- passes 2 and 3 together
+@dataclass
+class SweepPass:
+    """Passes 2 and 3 in one read of the images (`sweep_batches`): the images a batch owns go to pass 2,
+    all of them serve pass 3's pairs; each image's right singular bases are computed once for both."""
+
+    second: SecondPass
+    pairs: PairPass | None  # None without pairs
+
+    def add(self, indices: Tensor | Sequence[int], batch: Tensor | np.ndarray, owned: Sequence[int] | None = None):
+        """Add a batch `[b, N, C]` of the images at global `indices`; `owned` (default: all) go to pass 2."""
+        indices, x = self.second.layer.batch(indices, batch)
+        bases = spectra.right_singular_bases(x, self.second.bases_columns)
+        keep = (
+            torch.ones_like(indices, dtype=torch.bool)
+            if owned is None
+            else torch.isin(indices, torch.tensor(owned, dtype=torch.long))
+        )
+        if keep.any():
+            self.second.add_prepared(indices[keep], x[keep.to(x.device)], bases[keep.to(bases.device)])
+        if self.pairs is not None:
+            self.pairs.add_prepared(indices, x, bases)
+
+    def merge(self, other: SweepPass) -> SweepPass:
+        """Fold another shard's accumulator into this one; returns self."""
+        self.second.merge(other.second)
+        if self.pairs is not None:
+            self.pairs.merge(other.pairs)
         return self
 
 
@@ -355,6 +453,18 @@ class LayerStream:
             return {}
         pairs = self._require(self._pairs, "finish_pairs")
         return {key: (pairs.overlap[col], pairs.angle[col]) for col, key in enumerate(spectra.ROTATION_KEYS)}
+
+    # --------------------------------------------------------------------------- passes 2 and 3 in one
+    def sweep_pass(self) -> SweepPass:
+        """An empty accumulator for passes 2 and 3 in one read (needs `finish_first`); feed it the batches of
+        `sweep_batches(num_images, *self.pairs, batch_size)` with their `owned` images."""
+        return SweepPass(self.second_pass(), self.pair_pass() if self.pairs[0].numel() else None)
+
+    def finish_sweep(self, *shards: SweepPass) -> None:
+        """Merge the `SweepPass` accumulators: `finish_second` and `finish_pairs` of their halves."""
+        merged = _merged(shards, SweepPass)
+        self.finish_second(merged.second)
+        self.finish_pairs(*([merged.pairs] if merged.pairs is not None else []))
 
     # ---------------------------------------------------------------------------------- results
     @staticmethod

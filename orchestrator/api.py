@@ -297,6 +297,7 @@ def diagnose(
     layers: Sequence[int] | str | None = None,
     batch_size: int = 64,
     device: str = "auto",
+    workers: int | None = None,
     out: str | PathLike | None = None,
     experiment: str = "encmm",
     tracking_uri: str | None = None,
@@ -304,9 +305,10 @@ def diagnose(
 ) -> DiagnoseResult:
     """The paper's spectral diagnostics of a model's block outputs; ``encmm diagnose`` from Python.
 
-    Per layer (one Ray task each): the per-image SVD rank, the rank in a shared PCA basis, subspace rotation
-    and the token Spectral Energy Pattern (SEP). Writes ``diagnostics.json``, CSV tables and figures to
-    ``out`` and logs them to one MLflow run. Every option is the command's (README, ``encmm diagnose``).
+    Per layer: the per-image SVD rank, the rank in a shared PCA basis, subspace rotation and the token
+    Spectral Energy Pattern (SEP), streamed over Ray workers that each read a shard of the images. Writes
+    ``diagnostics.json``, CSV tables and figures to ``out`` and logs them to one MLflow run. Every option is
+    the command's (README, ``encmm diagnose``).
 
     Args:
         model: a timm model name (random init, seeded by ``seed``, unless ``pretrained``); next to
@@ -330,6 +332,8 @@ def diagnose(
         layers: a subset of layers, e.g. ``(0, 5, -1)`` or ``"0,5,-1"`` (default: all).
         batch_size: images per forward pass.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:1"``.
+        workers: Ray worker actors, each reading a shard of the images (default: one per free CPU, or per GPU
+            with a CUDA ``device``; at most one per batch).
         out: the output folder (default ``./diagnostics/<model>-<timestamp>``).
         experiment: the MLflow experiment.
         tracking_uri: the MLflow store (default ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``).
@@ -367,6 +371,7 @@ def diagnose(
         layers=layers if layers is None or isinstance(layers, str) else ",".join(str(i) for i in layers),
         batch_size=batch_size,
         device=device,
+        workers=workers,
         out=optional_str(out),
         tracking_uri=tracking_uri,
         experiment=experiment,

@@ -251,6 +251,14 @@ def diagnose(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="images per forward pass")] = 64,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:i]")] = "auto",
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers",
+            help="Ray worker actors reading shards of the images (default: one per free CPU, or per GPU with "
+            "--device cuda; at most one per batch)",
+        ),
+    ] = None,
     out: Annotated[
         Optional[str], typer.Option("--out", help="output folder (default ./diagnostics/<model>-<timestamp>)")
     ] = None,
@@ -259,7 +267,8 @@ def diagnose(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Spectral diagnostics of a model's block outputs (per-image SVD rank, shared PCA rank, subspace rotation,
-    token SEP), per layer as Ray tasks; JSON, CSV and PNGs in --out and an MLflow run."""
+    token SEP), streamed over Ray workers that each read a shard of the images; JSON, CSV and PNGs in --out
+    and an MLflow run."""
     from encmm.orchestrator.diagnose_command import DiagnoseOptions, prepare_diagnose, run_diagnose
     from encmm.orchestrator.interrupts import interruptible
     from encmm.orchestrator.tracking import TrackingError
@@ -284,6 +293,7 @@ def diagnose(
         layers=layers,
         batch_size=batch_size,
         device=device,
+        workers=workers,
         out=out,
         tracking_uri=tracking_uri,
         experiment=experiment,

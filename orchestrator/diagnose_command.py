@@ -2,9 +2,11 @@
 
 Order matters, as in ``encmm train``: :func:`prepare_diagnose` checks every input (options, the
 tracking store, the model, the images or saved features) and creates nothing, raising
-:class:`ConfigError` with one line; :func:`run_diagnose` then extracts features, fans the per-layer
-math out as Ray tasks (analysis/ray_tasks.py), writes ``<out>/diagnostics.json``, CSV tables and PNG
-figures, and logs them all to one MLflow run that ends FINISHED, or FAILED on a crash.
+:class:`ConfigError` with one line; :func:`run_diagnose` then streams the diagnostics over sharded Ray
+worker actors (analysis/ray_tasks.py: each reads its images' features batch by batch and keeps only the
+per-layer accumulators of analysis/streaming.py; this process holds no features), writes
+``<out>/diagnostics.json``, CSV tables and PNG figures, and logs them all to one MLflow run that ends
+FINISHED, or FAILED on a crash.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 import yaml
 
 from encmm.analysis import features as feats
+from encmm.analysis.saved_features import SavedFeatures, open_saved_features
 from encmm.analysis.spectra import SEP_STATISTICS, check_thresholds, threshold_key
 from encmm.orchestrator import tracking
 from encmm.orchestrator.outputs import check_out_folder
@@ -56,6 +58,7 @@ class DiagnoseOptions:
     layers: str | None = None
     batch_size: int = 64
     device: str = "auto"
+    workers: int | None = None  # None: as many as the cluster has free CPUs (GPUs with --device cuda) for
     out: str | None = None
     tracking_uri: str | None = None
     experiment: str = tracking.DEFAULT_EXPERIMENT
@@ -68,6 +71,7 @@ class DiagnosePlan:
     label: str
     thresholds: tuple[float, ...]
     layer_indices: list[int]  # model layer index of each diagnosed layer
+    layer_shapes: list[tuple[int, int]]  # (tokens, channels) of each diagnosed layer
     num_images: int
     out: Path
     uri: str
@@ -75,9 +79,9 @@ class DiagnosePlan:
     params: dict
     options: DiagnoseOptions
     device: torch.device
-    features: list[torch.Tensor] | None = None  # --features: already loaded and checked
-    model: torch.nn.Module | None = None
-    batches: Callable[[], Iterable[torch.Tensor]] | None = None
+    # What the workers read, one batch of images at a time: features.ModelFeatures (a model and its image
+    # source) or saved_features.SavedFeatures; picklable, holding no features.
+    reader: feats.ModelFeatures | SavedFeatures
 
 
 # --------------------------------------------------------------------------------- validation
@@ -116,6 +120,7 @@ def _check_counts(o: DiagnoseOptions) -> None:
         ("--permutations", o.permutations, 0),
         ("--pairs", o.pairs, 0),
         ("--batch-size", o.batch_size, 1),
+        ("--workers", 1 if o.workers is None else o.workers, 1),
     ):
         if value < low:
             raise ConfigError(f"{name}: must be >= {low}, got {value}")
@@ -210,27 +215,24 @@ def _run_model(run_id: str, uri: str):
         return _encmm_model(local, f"--run {run_id}")
 
 
-def _image_source(o: DiagnoseOptions, spec: feats.InputSpec) -> tuple[str, int, Callable[[], Iterable]]:
-    """(data label, number of images, a factory of normalised `[B, 3, H, W]` batches)."""
-    data, k, batch = o.data or "digits", o.images_per_class, o.batch_size
+def _image_source(o: DiagnoseOptions, spec: feats.InputSpec) -> tuple[str, feats.ImageSource]:
+    """(data label, a picklable source of normalised `[B, 3, H, W]` batches of the chosen images)."""
+    data, k = o.data or "digits", o.images_per_class
     if data == "digits":
         from encmm.trainables.data import DIGITS_MEAN, DIGITS_STD, load_digits_tensors
 
-        # At their native 8x8 (an exact copy), then resized: equal to load_digits_tensors(size)[chosen]
-        # without holding all 1,797 images at the model's size.
+        # Held at their native 8x8 (an exact copy), resized per batch: equal to load_digits_tensors(size)[chosen]
+        # without holding all 1,797 images, or even the chosen ones, at the model's size.
         images, labels = load_digits_tensors(8)
         chosen = feats.first_per_class(labels.tolist(), k)
-        images = feats.resize_images(images[chosen], spec.size)
-        images = feats.renormalise(images, DIGITS_MEAN, DIGITS_STD, spec.mean, spec.std)
-        return "digits", len(chosen), lambda: feats.tensor_batches(images, batch)
+        return "digits", feats.ResizedImages(images[chosen], spec, DIGITS_MEAN, DIGITS_STD)
     path = Path(data)
     if path.is_dir():
         try:
-            files = feats.image_folder_files(path, k)
+            files = feats.image_folder_files(path.resolve(), k)
         except (ValueError, OSError) as exc:
             raise ConfigError(f"--data: {exc}") from None
-        transform = feats.eval_transform(spec)
-        return str(path.resolve()), len(files), lambda: feats.file_batches(files, transform, batch)
+        return str(path.resolve()), feats.ImageFiles(files, spec)
     if not data.startswith(DATASET_PREFIXES):
         raise ConfigError(
             f"--data: {data!r} is neither 'digits', an ImageFolder folder, nor a timm dataset "
@@ -239,14 +241,11 @@ def _image_source(o: DiagnoseOptions, spec: feats.InputSpec) -> tuple[str, int, 
     return _timm_dataset(data, o, spec)
 
 
-def _timm_dataset(name: str, o: DiagnoseOptions, spec: feats.InputSpec):
-    from timm.data import create_dataset
-
+def _timm_dataset(name: str, o: DiagnoseOptions, spec: feats.InputSpec) -> tuple[str, feats.DatasetImages]:
     root = str(Path(o.data_root or "data").resolve())
+    source = feats.DatasetImages(name, root, [], spec)
     try:
-        dataset = create_dataset(
-            name, root=root, split="validation", download=False, transform=feats.eval_transform(spec)
-        )
+        dataset = source.open()
         labels = getattr(dataset, "targets", None)
         if labels is None:
             labels = [target for _, target in dataset.reader.samples]
@@ -255,13 +254,11 @@ def _timm_dataset(name: str, o: DiagnoseOptions, spec: feats.InputSpec):
     chosen = feats.first_per_class(list(labels), o.images_per_class)
     if not chosen:
         raise ConfigError(f"--data {name}: no images in {root}")
-    return name, len(chosen), lambda: feats.dataset_batches(dataset, chosen, o.batch_size)
+    return name, feats.DatasetImages(name, root, chosen, spec)  # the workers open the dataset themselves
 
 
 def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
     """Validate every input; create nothing. Raises ConfigError (one line) or TrackingError."""
-    from encmm.analysis.saved_features import load_saved_features
-
     source = _sources(o)[0]
     thresholds = _parse_thresholds(o.thresholds)
     _check_counts(o)
@@ -289,16 +286,15 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
         "pairs": o.pairs,
         "seed": o.seed,
     }
-    plan_kwargs: dict = {}
     if source == "--features":
         try:
-            layers = load_saved_features(o.features)
+            reader = open_saved_features(o.features)
         except ValueError as exc:
             raise ConfigError(f"--features: {exc}") from None
-        indices = _select_layers(o.layers, len(layers))
+        indices = _select_layers(o.layers, reader.num_layers)
         label, data_label = o.model or f"features:{Path(o.features).name}", "features"
-        num_images = int(layers[0].shape[0])
-        plan_kwargs["features"] = [layers[i] for i in indices]
+        reader = reader.select(indices)
+        shapes = [(reader.tokens, reader.channels)] * len(indices)
         params["features"] = str(Path(o.features).resolve())
     else:
         if source == "--model":
@@ -312,19 +308,21 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
             model, spec, label = _run_model(o.run, uri)
             params["run_id"] = o.run
         try:
-            shapes = feats.probe_layers(model, spec.size)
+            all_shapes = feats.probe_layers(model, spec.size)
         except ValueError as exc:
             raise ConfigError(f"{source} {label}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - the model cannot even run one blank image
             raise ConfigError(f"{source} {label}: forward_intermediates failed: {_first_line(exc)}") from None
-        indices = _select_layers(o.layers, len(shapes))
-        data_label, num_images, batches = _image_source(o, spec)
-        plan_kwargs.update(model=model, batches=batches)
+        indices = _select_layers(o.layers, len(all_shapes))
+        shapes = [all_shapes[i] for i in indices]
+        data_label, images = _image_source(o, spec)
+        reader = feats.ModelFeatures(model, images, indices)
         params.update(
             input_size=f"{spec.size[0]}x{spec.size[1]}",
             pretrained=o.pretrained,
             model_args=",".join(o.model_args) or None,
         )
+    num_images = len(reader)
     params.update(model=label, data=data_label, images=num_images, layers=",".join(map(str, indices)))
     if out is None:
         out = Path.cwd() / "diagnostics" / f"{tracking.safe_name(label, 80, 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -332,6 +330,7 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
         label=label,
         thresholds=thresholds,
         layer_indices=indices,
+        layer_shapes=shapes,
         num_images=num_images,
         out=out.resolve(),
         uri=uri,
@@ -339,7 +338,7 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
         params=params,
         options=o,
         device=device,
-        **plan_kwargs,
+        reader=reader,
     )
 
 
@@ -506,69 +505,81 @@ def format_summary(report: dict, out: Path, run_id: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- run
-def _extract(plan: DiagnosePlan) -> list[torch.Tensor]:
+def compute_diagnostics(plan: DiagnosePlan) -> tuple[list[dict], dict]:
+    """Every layer's `diagnose_layer` result (with the chosen SEP statistic) and the last layer's
+    `per_image_arrays`, streamed over sharded Ray workers (analysis/ray_tasks.py); Ray must be initialised.
+    A progress bar on stderr counts the images read over the three passes."""
     from tqdm import tqdm
 
-    with tqdm(total=plan.num_images, desc="features", unit="img", file=sys.stderr) as bar:
-        return feats.collect_features(
-            plan.model, plan.batches(), layers=plan.layer_indices, device=plan.device, progress=bar.update
+    from encmm.analysis.ray_tasks import stream_diagnostics
+    from encmm.analysis.streaming import LayerStream
+
+    o = plan.options
+    streams = [
+        LayerStream(plan.num_images, tokens, channels, plan.thresholds, o.center, o.permutations, o.pairs, o.seed)
+        for tokens, channels in plan.layer_shapes
+    ]
+    with tqdm(desc="images x 3 passes", unit="img", file=sys.stderr) as bar:
+
+        def advance(images: int, total: int) -> None:
+            if bar.total != total:
+                bar.total = total
+            bar.update(images)
+
+        stream_diagnostics(
+            streams,
+            plan.reader,
+            batch_size=o.batch_size,
+            workers=o.workers,
+            use_gpu=plan.device.type == "cuda",
+            progress=advance,
         )
+    results = [select_sep_statistic(stream.result(), o.sep_statistic) for stream in streams]
+    return results, streams[-1].arrays()
 
 
-def _gpu_share(plan: DiagnosePlan) -> float:
-    import ray
-
-    if plan.device.type != "cuda" or ray.cluster_resources().get("GPU", 0) < 1:
-        return 0.0
-    return 0.25  # up to four layers per GPU at once
-
-
-def run_diagnose(plan: DiagnosePlan, *, address: str | None = None) -> dict:
-    """Extract, fan out, write, log. Returns {"run_id", "out", "report", "summary"}; the run ends FAILED
-    (KILLED on Ctrl-C) with the error in the ``encmm.error`` tag if anything raises."""
-    from tqdm import tqdm
-
+def write_outputs(plan: DiagnosePlan, run_id: str, results: list[dict], last_arrays: dict) -> dict:
+    """diagnostics.json, the CSV tables and figures in `plan.out`, all logged to MLflow run `run_id` with the
+    per-layer metrics; returns the report (diagnostics.json's content)."""
     from encmm.analysis import plots
-    from encmm.analysis.ray_tasks import diagnose_layers
-    from encmm.orchestrator.ray_cluster import init_ray
 
-    init_ray(address)
+    report = build_report(plan, results)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    report_path = plan.out / "diagnostics.json"
+    report_path.write_text(json.dumps(report, indent=1))
+    tables = write_tables(plan.out, report, results, last_arrays)
+    curves = [{"index": i, **r} for i, r in zip(plan.layer_indices, results)]
+    figures = plots.write_figures(curves, last_arrays, plan.thresholds, plan.out / "figures")
+    for layer in report["layers"]:
+        tracking.log_metrics(plan.uri, run_id, layer_metrics(layer), step=layer["index"])
+    for path in [report_path, *tables]:
+        tracking.log_artifact(plan.uri, run_id, path)
+    for path in figures:
+        tracking.log_artifact(plan.uri, run_id, path, "figures")
+    return report
+
+
+def start_diagnose_run(plan: DiagnosePlan) -> str:
+    """Open the command's MLflow run (params, tags); it is closed FAILED should this process die."""
     run_name = f"diagnose-{tracking.safe_name(plan.label, 80, 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"encmm.kind": "diagnose", "encmm.out": str(plan.out)}
     if plan.options.run:
         tags["encmm.source_run_id"] = plan.options.run
     run_id = tracking.start_run(plan.uri, plan.experiment, run_name, params=plan.params, tags=tags)
     tracking.close_runs_if_process_dies(plan.uri, [run_id])
+    return run_id
+
+
+def run_diagnose(plan: DiagnosePlan, *, address: str | None = None) -> dict:
+    """Stream, write, log. Returns {"run_id", "out", "report", "summary"}; the run ends FAILED (KILLED on
+    Ctrl-C) with the error in the ``encmm.error`` tag if anything raises."""
+    from encmm.orchestrator.ray_cluster import init_ray
+
+    init_ray(address)
+    run_id = start_diagnose_run(plan)
     try:
-        layers = plan.features if plan.features is not None else _extract(plan)
-        o = plan.options
-        with tqdm(total=len(layers), desc="layers", unit="layer", file=sys.stderr) as bar:
-            outcome = diagnose_layers(
-                layers,
-                thresholds=plan.thresholds,
-                center=o.center,
-                permutations=o.permutations,
-                num_pairs=o.pairs,
-                seed=o.seed,
-                arrays_for=[len(layers) - 1],
-                num_gpus=_gpu_share(plan),
-                on_done=lambda _: bar.update(1),
-            )
-        results = [select_sep_statistic(result, o.sep_statistic) for result, _ in outcome]
-        last_arrays = outcome[-1][1]
-        report = build_report(plan, results)
-        plan.out.mkdir(parents=True, exist_ok=True)
-        report_path = plan.out / "diagnostics.json"
-        report_path.write_text(json.dumps(report, indent=1))
-        tables = write_tables(plan.out, report, results, last_arrays)
-        curves = [{"index": i, **r} for i, r in zip(plan.layer_indices, results)]
-        figures = plots.write_figures(curves, last_arrays, plan.thresholds, plan.out / "figures")
-        for layer in report["layers"]:
-            tracking.log_metrics(plan.uri, run_id, layer_metrics(layer), step=layer["index"])
-        for path in [report_path, *tables]:
-            tracking.log_artifact(plan.uri, run_id, path)
-        for path in figures:
-            tracking.log_artifact(plan.uri, run_id, path, "figures")
+        results, last_arrays = compute_diagnostics(plan)
+        report = write_outputs(plan, run_id, results, last_arrays)
         tracking.end_run(plan.uri, run_id, "FINISHED")
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"

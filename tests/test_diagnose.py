@@ -1,14 +1,16 @@
 """``encmm diagnose`` end to end: saved features, timm models, encmm checkpoints and runs, bad input.
 
 Runs the real Typer app in-process on the session's local Ray cluster, with a real SQLite MLflow
-store in a temp folder. Feature collection for CaiT and Swin and the encmm students' distilled maps
-are checked without Ray.
+store in a temp folder. The streamed, sharded path (one to two worker actors) is checked against today's
+in-memory numbers (every feature extracted, then `spectra.diagnose_layer` per layer). Feature collection
+for CaiT and Swin and the encmm students' distilled maps are checked without Ray.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from encmm.analysis import features as feats
 from encmm.analysis.spectra import SEP_STATISTIC_DEFINITIONS, diagnose_layer
 from encmm.orchestrator import tracking
 from encmm.orchestrator.cli import app
+from encmm.orchestrator.diagnose_command import select_sep_statistic
 from tests.conftest import TINY_DIGITS
 
 LAYER_KEYS = {"index", "tokens", "channels", "svd_rank", "pca_rank", "sep", "rotation"}
@@ -216,6 +219,90 @@ def test_folder_of_per_image_arrays_is_read_in_file_order(ray_cluster, store, tm
     assert_matches_direct_call(report["layers"][0], features[1], num_pairs=10)
 
 
+TOLERANCE = 1e-9
+TINY_TIMM_VIT = ["vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 3}]  # 3 layers of 16 x 192
+
+
+def assert_same_numbers(actual, expected, path: str = "") -> None:
+    """Same keys; ints, strings and bools equal; floats within TOLERANCE (absolute or relative)."""
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), f"{path}: keys {sorted(actual)} != {sorted(expected)}"
+        for key in expected:
+            assert_same_numbers(actual[key], expected[key], f"{path}/{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), path
+        for position, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_numbers(a, e, f"{path}[{position}]")
+    elif isinstance(expected, float) and not isinstance(actual, bool):
+        assert abs(actual - expected) <= TOLERANCE * max(1.0, abs(expected)), f"{path}: {actual} != {expected}"
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def assert_layer_is_in_memory_result(layer: dict, expected: dict) -> None:
+    """One layer of diagnostics.json against `diagnose_layer`'s dict (with the SEP statistic chosen): the
+    integer ranks and everything drawn from them identical, every float within TOLERANCE."""
+    for key in ("tokens", "channels", "svd_rank", "pca_rank"):
+        assert layer[key] == expected[key], key
+    assert layer["sep"]["bandwidth"] == expected["sep"]["bandwidth"]
+    sep = {
+        key: expected["sep"][key] for key in ("bandwidth", "image_bandwidth", "permutation") if key in expected["sep"]
+    }
+    assert_same_numbers(layer["sep"], sep, "sep")
+    assert_same_numbers(layer["rotation"], expected["rotation"], "rotation")
+
+
+def in_memory_digits_features(name: str, model_args: dict, per_class: int, batch_size: int) -> list[torch.Tensor]:
+    """Today's in-memory extraction: the model built as `encmm diagnose --model` builds it, every chosen digit
+    resized and re-normalised up front, every layer's `[I, N, C]` features kept."""
+    import timm
+
+    from encmm.trainables.data import DIGITS_MEAN, DIGITS_STD, load_digits_tensors
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **model_args).eval()
+    spec = feats.timm_input_spec(model)
+    images, labels = load_digits_tensors(8)
+    chosen = feats.first_per_class(labels.tolist(), per_class)
+    x = feats.renormalise(feats.resize_images(images[chosen], spec.size), DIGITS_MEAN, DIGITS_STD, spec.mean, spec.std)
+    with torch.no_grad():
+        per_batch = [feats.layers_of(model, batch, None) for batch in x.split(batch_size)]
+    return [torch.cat(parts) for parts in zip(*per_batch)]
+
+
+@pytest.mark.ray
+def test_one_or_two_workers_give_the_in_memory_numbers(ray_cluster, store, tmp_path):
+    name, model_args = TINY_TIMM_VIT
+    args = ["--model", name, *(f"--model-arg={k}={v}" for k, v in model_args.items())]
+    args += ["--images-per-class", "3", "--batch-size", "8", "--pairs", "40", "--permutations", "2"]
+    reports = {n: diagnose([*args, "--workers", str(n)], store, tmp_path / f"workers-{n}")[0] for n in (1, 2)}
+
+    layers = in_memory_digits_features(name, model_args, per_class=3, batch_size=8)
+    assert reports[1]["num_images"] == 30 and [layer["index"] for layer in reports[1]["layers"]] == [0, 1, 2]
+    for features, *streamed in zip(layers, reports[1]["layers"], reports[2]["layers"]):
+        expected = select_sep_statistic(diagnose_layer(features, THRESHOLDS, permutations=2, num_pairs=40), "per-image")
+        for layer in streamed:
+            assert_layer_is_in_memory_result(layer, expected)
+    assert_same_numbers(reports[2], reports[1])
+
+
+@pytest.mark.ray
+def test_folder_of_per_image_arrays_gives_the_numbers_of_the_same_features_as_one_npy(ray_cluster, store, tmp_path):
+    features = low_rank_features(seed=2)  # [L, I, N, C] float64
+    np.save(tmp_path / "features.npy", features)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(features.shape[1]):
+        np.save(folder / f"img_{i:03d}.npy", features[:, i])
+    args = ["--batch-size", "4", "--workers", "2", "--pairs", "12", "--permutations", "2"]
+    from_array, _ = diagnose(["--features", str(tmp_path / "features.npy"), *args], store, tmp_path / "array")
+    from_folder, _ = diagnose(["--features", str(folder), *args], store, tmp_path / "folder")
+    assert from_folder["num_images"] == from_array["num_images"] == 6
+    assert_same_numbers(from_folder["layers"], from_array["layers"])
+    for layer, array in zip(from_folder["layers"], features):
+        assert_matches_direct_call(layer, array, permutations=2, num_pairs=12)
+
+
 @pytest.mark.ray
 def test_random_init_timm_model_on_digits_runs_offline(ray_cluster, store, tmp_path):
     report, result = diagnose(
@@ -303,6 +390,14 @@ def test_crash_after_start_ends_the_run_failed(ray_cluster, store, tmp_path, mon
 
 
 # ----------------------------------------------------------------------------- feature collection
+def read_features(model, images: torch.Tensor, layers=None, batch_size: int = 64) -> list[torch.Tensor]:
+    """`[I, N_l, C_l]` per layer, read batch by batch through a `ModelFeatures` of already-normalised images."""
+    spec = feats.InputSpec(size=tuple(images.shape[-2:]), mean=(0.0,) * 3, std=(1.0,) * 3)
+    reader = feats.ModelFeatures(model, feats.ResizedImages(images, spec, spec.mean, spec.std), layers)
+    parts = [reader.read(range(a, min(a + batch_size, len(reader)))) for a in range(0, len(reader), batch_size)]
+    return [torch.cat(layer) for layer in zip(*parts)]
+
+
 def test_lift_and_widelast_last_layers_are_their_distilled_maps():
     from encmm.trainables.config import StudentConfig
     from encmm.trainables.models import build_student
@@ -311,7 +406,7 @@ def test_lift_and_widelast_last_layers_are_their_distilled_maps():
     for remedy, layers in (("none", 3), ("lift", 3), ("widelast", 3)):
         cfg = StudentConfig(width=32, depth=3, head_dim=16, patch_size=4, remedy=remedy, target_width=48, wide_blocks=1)
         model = build_student(cfg, num_classes=10, img_size=16).eval()
-        collected = feats.collect_features(model, [x[:2], x[2:]])
+        collected = read_features(model, x, batch_size=2)
         assert len(collected) == layers and feats.probe_layers(model, (16, 16))[-1] == tuple(collected[-1].shape[1:])
         with torch.no_grad():
             distilled = model.forward_distill(x)[1]
@@ -336,7 +431,7 @@ def test_cait_gives_its_self_attention_blocks_and_swin_its_stages():
         depths=(1, 1, 1),
         num_heads=(1, 2, 4),
     )
-    layers = feats.collect_features(swin, [torch.randn(2, 3, 32, 32)], layers=[0, 2])
+    layers = read_features(swin, torch.randn(2, 3, 32, 32), layers=[0, 2])
     assert [tuple(f.shape) for f in layers] == [(2, 256, 16), (2, 16, 64)]  # NHWC stages -> [B, H*W, C]
 
 
@@ -363,8 +458,9 @@ def test_image_folder_takes_the_first_sorted_files_per_class(tmp_path):
     files = feats.image_folder_files(tmp_path, 2)
     assert [f"{f.parent.name}/{f.name}" for f in files] == ["a/c.png", "a/m.jpg", "b/c.png", "b/m.jpg"]
     spec = feats.InputSpec(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)
-    batches = list(feats.file_batches(files, feats.eval_transform(spec), 3))
-    assert [tuple(b.shape) for b in batches] == [(3, 3, 16, 16), (1, 3, 16, 16)]
+    source = pickle.loads(pickle.dumps(feats.ImageFiles(files, spec)))  # as a Ray worker receives it
+    assert len(source) == 4 and tuple(source.images([0, 1, 2]).shape) == (3, 3, 16, 16)
+    torch.testing.assert_close(source.images([3, 1])[1], source.images([1])[0])
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -410,6 +506,7 @@ BAD = [
     ("no-source", None, [], "exactly one"),
     ("unknown-run", None, ["--run", "0123abcd"], "no MLflow run"),
     ("negative-pairs", "good", ["--features", "f.npy", "--pairs", "-1"], "--pairs"),
+    ("zero-workers", "good", ["--features", "f.npy", "--workers", "0"], "--workers: must be >= 1"),
     (
         "unknown-sep-statistic",
         "good",

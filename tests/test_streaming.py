@@ -11,7 +11,7 @@ import torch
 
 from encmm.analysis import spectra
 from encmm.analysis.ray_tasks import per_image_arrays
-from encmm.analysis.streaming import LayerStream, pair_chunks, pair_images, rotation_pairs
+from encmm.analysis.streaming import LayerStream, pair_chunks, pair_images, rotation_pairs, sweep_batches
 
 IMAGES = 23
 THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
@@ -55,8 +55,10 @@ def round_trip(state):
     return pickle.loads(pickle.dumps(state))
 
 
-def stream_layer(features: torch.Tensor, layout: list[list[list[int]]], max_images: int = 5, **options):
-    """Run the three passes as a driver with one worker per shard would; returns (result, arrays)."""
+def stream_layer(features: torch.Tensor, layout: list[list[list[int]]], max_images: int = 5, sweep=False, **options):
+    """Run the passes as a driver with one worker per shard would; returns (result, arrays). `sweep`: passes 2
+    and 3 in one read (`SweepPass` over `sweep_batches`, dealt round-robin over the shards' workers), as
+    `ray_tasks.stream_diagnostics` runs them; else three reads."""
     images, tokens, channels = features.shape
     stream = round_trip(LayerStream(images, tokens, channels, **options))
 
@@ -70,6 +72,12 @@ def stream_layer(features: torch.Tensor, layout: list[list[list[int]]], max_imag
         return shards
 
     stream.finish_first(*run(stream.first_pass))
+    if sweep:
+        workers = [round_trip(stream.sweep_pass()) for _ in layout]
+        for position, (batch, owned) in enumerate(sweep_batches(images, *stream.pairs, max_images)):
+            workers[position % len(workers)].add(batch, features[batch], owned)
+        stream.finish_sweep(*map(round_trip, workers))
+        return stream.result(), stream.arrays()
     stream.finish_second(*run(stream.second_pass))
     chunks = pair_chunks(*stream.pairs, max_images)
     workers = [round_trip(stream.pair_pass()) for _ in range(min(len(layout), len(chunks)))]
@@ -114,10 +122,11 @@ def assert_ranks_identical(actual: dict, expected: dict) -> None:
             assert bandwidth[t]["mean"] == stats["mean"], (name, t)
 
 
+@pytest.mark.parametrize("sweep", [False, True], ids=["three-reads", "two-reads"])
 @pytest.mark.parametrize("tokens", [12, 6], ids=["N>C", "N<C"])
 @pytest.mark.parametrize("center", [False, True], ids=["raw", "centered"])
 @pytest.mark.parametrize("permutations", [0, 3])
-def test_streamed_layer_equals_in_memory_for_every_shard_layout(tokens, center, permutations):
+def test_streamed_layer_equals_in_memory_for_every_shard_layout(tokens, center, permutations, sweep):
     features = structured_features(IMAGES, tokens, 10, seed=tokens + 2 * center)
     options = {"center": center, "permutations": permutations, "num_pairs": NUM_PAIRS, "seed": SEED}
     expected = spectra.diagnose_layer(features, THRESHOLDS, **options)
@@ -126,13 +135,25 @@ def test_streamed_layer_equals_in_memory_for_every_shard_layout(tokens, center, 
     assert len(np.unique(ranks[:, -1])) > 1, "the features should give ranks that vary across images"
     streamed = {}
     for shards, layout in shard_layouts(IMAGES).items():
-        result, arrays = stream_layer(features, layout, thresholds=THRESHOLDS, **options)
+        result, arrays = stream_layer(features, layout, sweep=sweep, thresholds=THRESHOLDS, **options)
         assert_same(result, expected, f"{shards} shards")
         assert_ranks_identical(result, expected)
         assert_same(arrays, expected_arrays, f"{shards} shards, arrays")
         streamed[shards] = [result, arrays]
     for shards in (2, 7):
         assert_same(streamed[shards], streamed[1], f"{shards} vs 1 shard")
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5, 40])
+def test_sweep_batches_own_every_image_once_and_hold_both_images_of_every_pair(batch_size):
+    first, second = rotation_pairs(30, 25, SEED)  # 25 pairs: some images in no pair
+    batches = sweep_batches(30, first, second, batch_size)
+    assert all(len(images) <= max(2, batch_size) for images, _ in batches)
+    assert all(set(owned) <= set(images) for images, owned in batches)
+    assert sorted(i for _, owned in batches for i in owned) == list(range(30))
+    for a, b in zip(first.tolist(), second.tolist()):
+        assert any(a in images and b in images for images, _ in batches), (a, b)
+    assert sweep_batches(30, first, second, batch_size) == batches  # deterministic
 
 
 def test_single_batch_of_float32_features_matches_bitwise_where_no_sum_is_reordered():
