@@ -216,6 +216,12 @@ def _fail_fast():
                 os.environ[key] = value
 
 
+def loggable_metrics(metrics: dict) -> dict[str, float]:
+    """The entries of a training loop's metrics dict that :class:`RunLogger` sends: numbers, not ``epoch``
+    (the step says which epoch)."""
+    return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float)) and key != "epoch"}
+
+
 def _spool_lines(metrics: list) -> str:
     return "".join(
         json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n" for m in metrics
@@ -239,11 +245,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [
-            Metric(key, float(value), now, step)
-            for key, value in metrics.items()
-            if isinstance(value, (int, float)) and key != "epoch"
-        ]
+        items = [Metric(key, value, now, step) for key, value in loggable_metrics(metrics).items()]
         if self.spool is None:
             _client(self.uri).log_batch(self.run_id, metrics=items)
             return
@@ -260,6 +262,20 @@ class RunLogger:
                 f"encmm: warning: MLflow store {self.uri} did not take the metrics of step {step} "
                 f"({exc.__class__.__name__}); kept in {spool}, sent when it is back",
             )
+
+    def log_metrics_if_missing(self, metrics: dict, step: int) -> None:
+        """:meth:`log_metrics`, unless the store already holds ``step`` of these metrics: a resumed worker
+        logs its checkpoint's epoch this way, in case the lost worker had committed it but not logged it."""
+        keys = sorted(loggable_metrics(metrics))
+        if not keys:
+            return
+        try:
+            with _fail_fast():
+                logged = any(m.step == step for m in _client(self.uri).get_metric_history(self.run_id, keys[0]))
+        except Exception:  # noqa: BLE001 - the store is unreachable: log_metrics spools them
+            logged = False
+        if not logged:
+            self.log_metrics(metrics, step)
 
     def flush(self) -> int:
         """Send the spooled metrics (oldest first); returns how many. Raises if the store still refuses."""
@@ -579,6 +595,21 @@ def start_system_metrics(uri: str, run_id: str, interval_s: float = SYSTEM_METRI
     return monitor
 
 
+def _import_mlflow_modules_of_telemetry() -> None:
+    """Import, in the calling thread, the MLflow modules that the telemetry thread and the training loop's
+    first :meth:`RunLogger.log_metrics` both import. MLflow's modules import each other: two threads
+    importing them at once can each be handed the other's half-initialised module (seen in fresh Ray Train
+    workers as an ImportError, then AttributeErrors on every later step, so metrics were spooled until the
+    run ended instead of being live)."""
+    import mlflow  # noqa: F401
+    import mlflow.data.meta_dataset  # noqa: F401
+    import mlflow.data.sources  # noqa: F401
+    import mlflow.entities  # noqa: F401
+    import mlflow.system_metrics.system_metrics_monitor  # noqa: F401
+    import mlflow.tracking  # noqa: F401
+    import mlflow.utils.mlflow_tags  # noqa: F401
+
+
 class _TrainingTelemetry:
     """Datasets, then system metrics, started in a daemon thread; :meth:`stop` ends both."""
 
@@ -590,6 +621,7 @@ class _TrainingTelemetry:
         self.thread = threading.Thread(target=self._begin, name="encmm-telemetry", daemon=True)
 
     def start(self) -> None:
+        _import_mlflow_modules_of_telemetry()
         self.thread.start()
 
     def _begin(self) -> None:

@@ -42,39 +42,66 @@ def kill(pids) -> None:
             pass
 
 
+class TwoNodes:
+    """A head and a second node of 1 CPU each, in a temp folder of their own (so no other test's
+    ``ray.init()`` finds them), stopped by PID (``ray stop`` would stop every Ray on the machine)."""
+
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+    def __init__(self):
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths are limited
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env.update(RAY_TMPDIR=str(self.temp_dir), RAY_AUTH_MODE="token")
+        self.address = f"127.0.0.1:{free_port()}"
+        self.head: set[int] = set()
+        self.second: set[int] = set()
+
+    def ray_start(self, *args: str) -> set[int]:
+        """``ray start ARGS``; returns the PIDs of the processes it left running."""
+        before = cluster_processes(self.temp_dir)
+        subprocess.run([*RAY, "start", *args, *self.common], env=self.env, check=True, capture_output=True, timeout=120)
+        return cluster_processes(self.temp_dir) - before
+
+    def start_head(self) -> None:
+        port = self.address.rsplit(":", 1)[1]
+        self.head = self.ray_start("--head", f"--port={port}", "--include-dashboard=false")
+
+    def start_second(self) -> None:
+        self.second = self.ray_start(f"--address={self.address}")
+
+    @property
+    def second_raylet(self) -> int:
+        raylets = [p for p in self.second if psutil.pid_exists(p) and psutil.Process(p).name() == "raylet"]
+        assert len(raylets) == 1, f"expected one raylet for the second node, found {raylets}"
+        return raylets[0]
+
+    def lose_second(self) -> None:
+        """The second machine is gone: SIGKILL its raylet first, then every other process of that node and
+        every worker its raylet started (a worker outliving its raylet would keep training over gloo)."""
+        raylet = psutil.Process(self.second_raylet)
+        node = {raylet.pid, *(p.pid for p in raylet.children(recursive=True))}
+        for pid in self.second - node:
+            try:
+                node |= {pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))}
+            except psutil.NoSuchProcess:
+                continue
+        raylet.kill()
+        kill(node - {raylet.pid})
+
+    def stop(self) -> None:
+        kill(cluster_processes(self.temp_dir))
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A head and a second node of 1 CPU each, in a temp folder of their own (so no other test's
-    ``ray.init()`` finds them), stopped by PID afterwards (``ray stop`` would stop every Ray on the machine)."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=str(temp_dir), RAY_AUTH_MODE="token")
-    port = free_port()
-    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    before = cluster_processes(temp_dir)
+    nodes = TwoNodes()
     try:
-        subprocess.run(
-            [*RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        head = cluster_processes(temp_dir) - before
-        subprocess.run(
-            [*RAY, "start", f"--address=127.0.0.1:{port}", *common],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        second = cluster_processes(temp_dir) - head - before
-        raylets = [p for p in second if "raylet" in " ".join(psutil.Process(p).cmdline()[:1])]
-        assert len(raylets) == 1, f"expected one raylet for the second node, found {raylets}"
-        yield {"address": f"127.0.0.1:{port}", "env": env, "second_raylet": raylets[0]}
+        nodes.start_head()
+        nodes.start_second()
+        yield nodes
     finally:
-        kill(cluster_processes(temp_dir))
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        nodes.stop()
 
 
 def test_trials_spread_over_two_nodes_and_a_lost_node_costs_at_most_the_epoch_in_flight(two_nodes, tmp_path):
@@ -98,20 +125,13 @@ def test_trials_spread_over_two_nodes_and_a_lost_node_costs_at_most_the_epoch_in
         },
     )
     try:
-        proc = subprocess.Popen(
-            [*ENCMM, "sweep", str(sweep_file), "--address", two_nodes["address"]],
-            cwd=tmp_path,
-            env={**two_nodes["env"], "MLFLOW_TRACKING_URI": uri},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_on_cluster(two_nodes, tmp_path, uri, "sweep", str(sweep_file))
         try:
             client = MlflowClient(uri)
-            trials = wait_for_training_trials(client, proc, 2)
+            trials = wait_for_runs(client, proc, "trial", 2)
             nodes = {r.info.run_id: r.data.tags["encmm.node_id"] for r in trials}
             assert len(set(nodes.values())) == 2, "both trials ran on one node"
-            os.kill(two_nodes["second_raylet"], 9)  # the second node is lost mid-trial
+            two_nodes.lose_second()  # mid-trial
             _, err = proc.communicate(timeout=480)
             assert proc.returncode == 0, err[-3000:]
             assert "(raylet)" not in err, "Ray's raylet output reached the console"
@@ -135,15 +155,83 @@ def test_trials_spread_over_two_nodes_and_a_lost_node_costs_at_most_the_epoch_in
         stop_server(server)
 
 
-def wait_for_training_trials(client, proc: subprocess.Popen, count: int, timeout: float = 300) -> list:
-    """The sweep's RUNNING trial runs once ``count`` of them have logged an epoch."""
-    deadline, trials = time.time() + timeout, []
-    while time.time() < deadline and len(trials) < count:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(1)
+def start_on_cluster(nodes: TwoNodes, folder: Path, uri: str, *args: str) -> subprocess.Popen:
+    """``encmm ARGS --address <head>`` in ``folder``, tracking into ``uri``; output captured."""
+    return subprocess.Popen(
+        [*ENCMM, *args, "--address", nodes.address],
+        cwd=folder,
+        env={**nodes.env, "MLFLOW_TRACKING_URI": uri},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def ray_log_lines(temp_dir: Path, text: str) -> list[str]:
+    """Lines holding ``text`` in the log files of every node of the cluster whose temp folder is ``temp_dir``."""
+    found = []
+    for path in temp_dir.glob("ray/session_*/logs/*"):
+        if path.is_file() and path.suffix in (".out", ".err", ".log"):
+            found += [line for line in path.read_text(errors="replace").splitlines() if text in line]
+    return found
+
+
+def wait_for_runs(client, proc: subprocess.Popen, kind: str, count: int, timeout: float = 300) -> list:
+    """The RUNNING runs tagged ``encmm.kind = kind`` once ``count`` of them have logged an epoch."""
+    deadline, runs = time.time() + timeout, []
+    while time.time() < deadline and len(runs) < count:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"encmm exited {proc.returncode} before {count} {kind} run(s) trained:\n{out[-2000:]}{err[-2000:]}"
+            )
+        time.sleep(0.3)
         experiment = client.get_experiment_by_name("encmm")
         if experiment is not None:
-            runs = client.search_runs([experiment.experiment_id], "tags.`encmm.kind` = 'trial'")
-            trials = [r for r in runs if "val/acc1" in r.data.metrics and r.info.status == "RUNNING"]
-    assert len(trials) == count, f"{count} trials did not train at once"
-    return trials
+            found = client.search_runs([experiment.experiment_id], f"tags.`encmm.kind` = '{kind}'")
+            runs = [r for r in found if "val/acc1" in r.data.metrics and r.info.status == "RUNNING"]
+    assert len(runs) == count, f"{count} {kind} run(s) did not train at once"
+    return runs
+
+
+def test_ddp_run_spanning_both_nodes_resumes_when_the_lost_node_comes_back(two_nodes, tmp_path):
+    """`encmm train` with 2 DDP workers (gloo), one per node; the second node is lost mid-epoch and a new
+    one joins: Ray Train restarts the worker group on it and resumes from the last committed epoch."""
+    from mlflow.tracking import MlflowClient
+
+    if not any(psutil.pid_exists(p) and psutil.Process(p).name() == "raylet" for p in two_nodes.second):
+        two_nodes.start_second()  # the previous test lost it
+    port = free_port()
+    server = start_mlflow_server(tmp_path / "store", port)
+    uri = f"http://127.0.0.1:{port}"
+    epochs = 60  # ~40 s of training: the node is lost mid-run
+    config = write_yaml(
+        tmp_path / "ddp.yaml",
+        {
+            **TINY_BASE,
+            "name": "ddp-two-nodes",
+            "schedule": {"epochs": epochs, "warmup_epochs": 0},
+            "resources": {"workers": 2, "cpus_per_worker": 1, "max_failures": 3},  # one worker per node
+        },
+    )
+    try:
+        proc = start_on_cluster(two_nodes, tmp_path, uri, "train", str(config))
+        try:
+            client = MlflowClient(uri)
+            (run,) = wait_for_runs(client, proc, "train", 1)
+            two_nodes.lose_second()
+            time.sleep(3)
+            two_nodes.start_second()  # capacity comes back
+            out, err = proc.communicate(timeout=480)
+            assert proc.returncode == 0, err[-3000:]
+            resumed = ray_log_lines(two_nodes.temp_dir, "encmm: resuming ddp-two-nodes at epoch")
+            assert resumed, "the worker group did not resume from a checkpoint"  # workers log it, not the console
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        run = client.get_run(run.info.run_id)
+        assert run.info.status == "FINISHED" and run.data.params["resources.workers"] == "2"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")]
+        assert sorted(steps) == list(range(epochs)), steps  # resumed from the last committed epoch
+    finally:
+        stop_server(server)

@@ -42,15 +42,15 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path):
 
     def crash_at_epoch_1(metrics, step):
         if step == 1:
-            raise Interrupt  # after epoch 1 trained, before its checkpoint: last.pt holds epoch 0
+            raise Interrupt  # epoch 1 trained and checkpointed: metrics are logged only after the checkpoint
 
     with pytest.raises(Interrupt):
         fit(cfg, log=crash_at_epoch_1, checkpoint_dir=tmp_path / "resumed")
     saved = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert saved["epoch"] == 0
+    assert saved["epoch"] == 1
     resumed_history = []
     resumed = fit(cfg, log=lambda m, s: resumed_history.append(s), checkpoint_dir=tmp_path / "resumed")
-    assert resumed_history == [1, 2]  # epoch 0 was not trained again
+    assert resumed_history == [2]  # epochs 0 and 1 were not trained again
     for key in ("train/loss", "val/loss", "val/acc1"):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-6, abs=1e-9), key
 

@@ -54,12 +54,12 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     class Crash(Exception):
         pass
 
-    def crash_at_epoch_2(metrics, step):
-        if step == 2:
-            raise Crash  # last.pt holds epoch 1, last.pt.prev epoch 0
+    def crash_at_epoch_1(metrics, step):
+        if step == 1:
+            raise Crash  # logged after the checkpoint: last.pt holds epoch 1, last.pt.prev epoch 0
 
     with pytest.raises(Crash):
-        fit(cfg, log=crash_at_epoch_2, checkpoint_dir=tmp_path)
+        fit(cfg, log=crash_at_epoch_1, checkpoint_dir=tmp_path)
     last = tmp_path / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a write cut short
     resumed = []

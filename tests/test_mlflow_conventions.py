@@ -231,3 +231,40 @@ def test_encmm_train_run_has_a_loadable_model_system_metrics_and_its_datasets(ra
     inputs = run_inputs(uri, run.info.run_id)
     assert set(inputs) == {"training", "validation"}
     assert all(name == "digits" and len(digest) == 16 for name, digest, _ in inputs.values())
+
+
+def test_metrics_logged_while_telemetry_starts_reach_the_store_at_once(tracking_uri, tmp_path):
+    """A fresh Train worker has not imported MLflow yet: its first log_metrics and the telemetry thread's
+    first MLflow calls run together. Each step's metrics must be in the store right away, not spooled."""
+    run_id = tracking.start_run(tracking_uri, "conventions", "fresh-worker")
+    spool = tmp_path / "spool.jsonl"
+    script = textwrap.dedent(f"""
+        from encmm.orchestrator import tracking
+        logger = tracking.RunLogger({tracking_uri!r}, {run_id!r}, spool={str(spool)!r})
+        data = {{"name": "synthetic", "synthetic_samples": 8, "synthetic_classes": 2, "img_size": 8,
+                 "val_fraction": 0.5, "split_seed": 0}}
+        with logger.track_training(data):
+            for step in range(3):
+                logger.log_metrics({{"train/loss": 1.0 / (step + 1)}}, step)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "did not take the metrics" not in out.stderr, out.stderr[-3000:]
+    assert not spool.exists()
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+
+
+def test_a_resumed_worker_logs_its_checkpoint_epoch_only_when_the_store_lacks_it(tracking_uri):
+    """The lost worker may have committed epoch 3's checkpoint and died before logging it, or after."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = tracking.start_run(tracking_uri, "conventions", "resumed")
+    logger = tracking.RunLogger(tracking_uri, run_id)
+    logger.log_metrics({"val/acc1": 50.0, "epoch": 2}, 2)
+    logger.log_metrics_if_missing({"val/acc1": 50.0, "epoch": 2}, 2)  # logged before the loss: kept once
+    logger.log_metrics_if_missing({"val/acc1": 60.0, "epoch": 3}, 3)  # committed, never logged: logged now
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, "val/acc1")
+    assert sorted((m.step, m.value) for m in history) == [(2, 50.0), (3, 60.0)]

@@ -496,10 +496,10 @@ def run_epochs(
         if is_best:
             state.best = {"val/acc1": metrics["val/acc1"], "epoch": epoch}
         metrics["best/val/acc1"] = state.best["val/acc1"]
+        if on_epoch_end is not None:  # the checkpoint first: a worker lost before it repeats the epoch,
+            on_epoch_end(epoch, metrics, is_best, state)  # and its metrics must not be in the store yet
         if log is not None and state.rank == 0:
             log(metrics, epoch)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics, is_best, state)
     return {**metrics, "best/epoch": state.best["epoch"]}
 
 
