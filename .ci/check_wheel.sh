@@ -21,6 +21,7 @@ encmm="$work/venv/bin/encmm"
 "$encmm" diagnose --features feats.npy --out diag
 test -s diag/diagnostics.json
 "$work/venv/bin/python" -c "import encmm, encmm.orchestrator.cli; print('import encmm from', encmm.__file__)" | grep -q site-packages
+"$work/venv/bin/python" -c "from encmm.orchestrator.experiments import resolve_model_list as r; print(r('diagnose-sep-models'))"
 start=$SECONDS
 "$encmm" sweep
 echo "wheel check passed: encmm sweep finished the embedded default from an empty folder in $((SECONDS - start)) s"

@@ -2,7 +2,8 @@
 
 Every function takes the per-layer results of `analysis.spectra.diagnose_layer` (a list in layer
 order, with "index" added) and, for the last-layer histograms, the per-image arrays of
-`analysis.ray_tasks.per_image_arrays`; each writes one PNG and returns its path.
+`analysis.ray_tasks.per_image_arrays`; each writes one PNG and returns its path. The comparison of several
+models (`plot_sep_overlay`, `plot_rank_vs_depth`) takes one curve or series per model.
 """
 
 from __future__ import annotations
@@ -103,16 +104,15 @@ def plot_sep(layers: list[dict], path: Path) -> Path:
         alpha=0.2,
         label=f"layer {last['index']} ±std",
     )
-    ax.plot([0, 1], [0, 100], "k--", linewidth=1, label="diagonal (white spectrum)")
-    ax.set(
-        xlabel="frequency index (j+1)/D",
-        ylabel="cumulative energy (%)",
-        xlim=(0, 1),
-        ylim=(0, 100),
-        title="Token Spectral Energy Pattern",
-    )
-    ax.legend(fontsize=8)
+    _finish_sep_axes(ax, "Token Spectral Energy Pattern", legend_size=8)
     return _save(fig, path)
+
+
+def _finish_sep_axes(ax, title: str, legend_size: int) -> None:
+    """The diagonal of a white spectrum, the axes of a SEP curve (normalised frequency index, cumulative %)."""
+    ax.plot([0, 1], [0, 100], "k--", linewidth=1, label="diagonal (white spectrum)")
+    ax.set(xlabel="frequency index (j+1)/D", ylabel="cumulative energy (%)", xlim=(0, 1), ylim=(0, 100), title=title)
+    ax.legend(fontsize=legend_size)
 
 
 def plot_sep_permutation(layers: list[dict], path: Path) -> Path | None:
@@ -177,6 +177,35 @@ def plot_rotation(layers: list[dict], arrays: dict, path: Path) -> Path:
     right.set(xlabel="layer", ylabel="mean overlap", ylim=(0, 1.02), title="Subspace overlap by layer")
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_sep_overlay(curves: Sequence[tuple[str, Sequence[float]]], path: Path) -> Path:
+    """Several models' last-layer mean SEP curves on one axes, channel index normalised to (j+1)/D (models of
+    different widths side by side), with the diagonal of a white spectrum. `curves`: (model, `[D]` percents)."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    for model, curve in curves:
+        mean = np.asarray(curve, dtype=float)
+        ax.plot((np.arange(mean.size) + 1) / mean.size, mean, linewidth=1.2, label=f"{model} (D = {mean.size})")
+    _finish_sep_axes(ax, "Token SEP, last layer of each model", legend_size=7)
+    return _save(fig, path)
+
+
+def plot_rank_vs_depth(series: Sequence[dict], path: Path) -> Path:
+    """Per-image SVD rank p99 / D (solid) and shared-PCA rank p99 / D (dashed) against normalised depth l/L,
+    one colour per model, one panel per energy threshold. `series`: {"model", "depth": [layers], "svd" /
+    "pca": {threshold key: [layers]}} per model (`orchestrator.diagnose_compare.rank_depth_series`)."""
+    keys = list(series[0]["svd"])
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.4), squeeze=False, sharey=True)
+    colors = plt.cm.tab10(np.arange(len(series)) % 10)
+    for ax, key in zip(axes[0], keys):
+        for line, color in zip(series, colors):
+            ax.plot(line["depth"], line["svd"][key], "o-", color=color, markersize=3, label=line["model"])
+            ax.plot(line["depth"], line["pca"][key], "--", color=color, linewidth=1)
+        ax.set(title=f"{float(key):.0%} energy", xlabel="normalised depth l/L", xlim=(0, 1.02))
+    axes[0][0].set_ylabel("rank p99 / D")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Rank needed against depth (solid: per-image SVD, dashed: shared PCA)", fontsize=10)
     return _save(fig, path)
 
 

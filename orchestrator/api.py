@@ -125,6 +125,33 @@ class DiagnoseResult:
 
 
 @dataclass(frozen=True)
+class DiagnoseComparison:
+    """Several models diagnosed and compared (:func:`diagnose` with ``models``).
+
+    Attributes:
+        run_id: the MLflow parent run (tag ``encmm.kind`` = ``diagnose-comparison``): the comparison's files
+            as artifacts; every model's run is a child run of it (tag ``mlflow.parentRunId``).
+        out: the output folder: ``comparison.csv``, ``sep_overlay.png``, ``rank_vs_depth.png`` and one folder
+            per model (``out/<model>/``, what a one-model diagnose writes).
+        models: one :class:`DiagnoseResult` per model, in order (``models[0].run_id`` is a child run).
+        rows: ``comparison.csv``, one dict per model: ``model``, ``num_images``, ``layer`` (the last diagnosed
+            layer), ``layers``, ``tokens``, ``channels``, ``svd_p99_<p>`` / ``pca_p99_<p>`` (that layer's p99 over
+            images of the per-image SVD rank / shared-PCA rank at energy p), ``sep_d_0.9`` / ``sep_ratio_0.9``
+            (SEP bandwidth d and d/D at 90%), ``svd_p99_<p>_layer_mean`` / ``pca_p99_<p>_layer_mean`` (averaged
+            over the diagnosed layers). ``pandas.DataFrame(result.rows)`` makes it a table.
+        files: ``comparison.csv``, ``sep_overlay.png``, ``rank_vs_depth.png``.
+        summary: the comparison ``encmm diagnose`` prints after the models' own summaries.
+    """
+
+    run_id: str
+    out: Path
+    models: list[DiagnoseResult]
+    rows: list[dict[str, Any]]
+    files: list[Path]
+    summary: str
+
+
+@dataclass(frozen=True)
 class SweepReport:
     """The report of one sweep (:func:`report`), as ``encmm report`` writes it.
 
@@ -280,6 +307,7 @@ def sweep(
 def diagnose(
     *,
     model: str | None = None,
+    models: Sequence[str | Mapping[str, Any]] | str | PathLike = (),
     checkpoint: str | PathLike | None = None,
     run: str | None = None,
     features: str | PathLike | None = None,
@@ -302,7 +330,7 @@ def diagnose(
     experiment: str = "encmm",
     tracking_uri: str | None = None,
     address: str | None = None,
-) -> DiagnoseResult:
+) -> DiagnoseResult | DiagnoseComparison:
     """The paper's spectral diagnostics of a model's block outputs; ``encmm diagnose`` from Python.
 
     Per layer: the per-image SVD rank, the rank in a shared PCA basis, subspace rotation and the token
@@ -314,6 +342,13 @@ def diagnose(
         model: a timm model name (random init, seeded by ``seed``, unless ``pretrained``); next to
             ``features`` it only names them. Give exactly one of ``model``, ``checkpoint``, ``run``,
             ``features``.
+        models: several timm models to compare (``encmm diagnose --model A --model B`` / ``--models FILE``):
+            names, or ``{"model": name, "model_args": {...}, "pretrained": bool}`` mappings (``model_args``
+            after ``model_args`` below, ``pretrained`` defaulting to ``pretrained``), or the path of a YAML
+            file listing them. After ``model`` if both are given; each model once. With two or more, every
+            model is checked first, then each is diagnosed into ``out/<model>/`` and a child MLflow run of one
+            parent run holding the comparison; the result is a :class:`DiagnoseComparison`. One model in
+            all is the plain one-model diagnose.
         checkpoint: an encmm checkpoint (``best.pt``, e.g. ``TrainResult.checkpoint``).
         run: the MLflow run id of a FINISHED encmm training run (its ``checkpoints/best.pt``).
         features: saved features: one ``[L, I, N, C]`` ``.npy`` / ``.npz`` / ``.pt``, or a folder of
@@ -340,20 +375,28 @@ def diagnose(
         address: the Ray cluster (default ``RAY_ADDRESS``, else a local cluster started in this process).
 
     Returns:
-        :class:`DiagnoseResult`: ``run_id``, ``out``, ``diagnostics`` (the parsed ``diagnostics.json``), ``summary``.
+        :class:`DiagnoseResult`: ``run_id``, ``out``, ``diagnostics`` (the parsed ``diagnostics.json``), ``summary``;
+        with several models a :class:`DiagnoseComparison`: ``run_id`` (the parent), ``out``, ``models`` (one
+        :class:`DiagnoseResult` each), ``rows`` (``comparison.csv``), ``files``, ``summary``.
 
     Raises:
         encmm.ConfigError: bad input (two sources, a threshold outside (0, 1), an unknown timm name, a missing
-            file, an array of the wrong rank or with NaN/inf, ...), with the CLI's one line (it names the
-            option as its flag, e.g. ``--thresholds``), before any run or folder is created.
+            file, an array of the wrong rank or with NaN/inf, a model given twice, ...), with the CLI's one line
+            (it names the option as its flag, e.g. ``--thresholds``), before any run or folder is created.
         encmm.TrackingError: the MLflow store cannot be used.
     """
-    from encmm.orchestrator.diagnose_command import DiagnoseOptions, prepare_diagnose, run_diagnose
+    from encmm.orchestrator.diagnose_command import (
+        ComparisonPlan,
+        DiagnoseOptions,
+        model_arg_strings,
+        prepare_diagnose_models,
+        run_comparison,
+        run_diagnose,
+    )
 
     if isinstance(model_args, Mapping):
-        model_args = [f"{key}={json.dumps(value, default=str)}" for key, value in model_args.items()]  # JSON is YAML
+        model_args = model_arg_strings(model_args)
     options = DiagnoseOptions(
-        model=model,
         checkpoint=optional_str(checkpoint),
         run=run,
         features=optional_str(features),
@@ -376,7 +419,24 @@ def diagnose(
         tracking_uri=tracking_uri,
         experiment=experiment,
     )
-    done = run_diagnose(prepare_diagnose(options), address=address)
+    file = optional_str(models) if isinstance(models, (str, PathLike)) else None
+    names = [model] if model is not None else []
+    plan = prepare_diagnose_models(options, names if file else [*names, *models], file)
+    if not isinstance(plan, ComparisonPlan):
+        return diagnose_result(run_diagnose(plan, address=address))
+    done = run_comparison(plan, address=address)
+    return DiagnoseComparison(
+        run_id=done["run_id"],
+        out=Path(done["out"]),
+        models=[diagnose_result(child) for child in done["children"]],
+        rows=done["rows"],
+        files=[Path(path) for path in done["files"]],
+        summary=done["summary"],
+    )
+
+
+def diagnose_result(done: dict) -> DiagnoseResult:
+    """The :class:`DiagnoseResult` of one model's ``run_diagnose``."""
     out_dir = Path(done["out"])
     diagnostics = json.loads((out_dir / "diagnostics.json").read_text())
     return DiagnoseResult(run_id=done["run_id"], out=out_dir, diagnostics=diagnostics, summary=done["summary"])

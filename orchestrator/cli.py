@@ -198,9 +198,19 @@ def sweep(
 @app.command()
 def diagnose(
     model: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--model",
+            help="timm model name (random init unless --pretrained); with --features it only names them. "
+            "Repeat it (or use --models) to compare several models",
+        ),
+    ] = None,
+    models: Annotated[
         Optional[str],
         typer.Option(
-            "--model", help="timm model name (random init unless --pretrained); with --features it only names them"
+            "--models",
+            help="YAML list of models to compare: timm names, or {model, model_args, pretrained} mappings "
+            "(a file, or a shipped one: diagnose-sep-models)",
         ),
     ] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="an encmm checkpoint (best.pt)")] = None,
@@ -268,14 +278,20 @@ def diagnose(
 ) -> None:
     """Spectral diagnostics of a model's block outputs (per-image SVD rank, shared PCA rank, subspace rotation,
     token SEP), streamed over Ray workers that each read a shard of the images; JSON, CSV and PNGs in --out
-    and an MLflow run."""
-    from encmm.orchestrator.diagnose_command import DiagnoseOptions, prepare_diagnose, run_diagnose
+    and an MLflow run. Several models: one child run each (outputs in --out/<model>/) under a parent run
+    holding the comparison (comparison.csv, sep_overlay.png, rank_vs_depth.png)."""
+    from encmm.orchestrator.diagnose_command import (
+        ComparisonPlan,
+        DiagnoseOptions,
+        prepare_diagnose_models,
+        run_comparison,
+        run_diagnose,
+    )
     from encmm.orchestrator.interrupts import interruptible
     from encmm.orchestrator.tracking import TrackingError
     from encmm.trainables.config import ConfigError
 
     options = DiagnoseOptions(
-        model=model,
         checkpoint=checkpoint,
         run=run,
         features=features,
@@ -299,16 +315,22 @@ def diagnose(
         experiment=experiment,
     )
     try:
-        plan = prepare_diagnose(options)
+        plan = prepare_diagnose_models(options, model or [], models)
     except (ConfigError, TrackingError) as exc:
         fail(str(exc))
     try:
         with interruptible():
-            result = run_diagnose(plan, address=address)
+            if isinstance(plan, ComparisonPlan):
+                result = run_comparison(plan, address=address)
+            else:
+                result = run_diagnose(plan, address=address)
     except KeyboardInterrupt as exc:
-        stopped(exc, "interrupted; the MLflow run is marked KILLED")
+        several = isinstance(plan, ComparisonPlan)
+        stopped(exc, f"interrupted; the MLflow run{'s in flight are' if several else ' is'} marked KILLED")
     except Exception as exc:  # noqa: BLE001 - the run is already FAILED in MLflow; say why in one line
         fail(f"diagnose failed: {describe_error(exc)}", 1)
+    for child in result.get("children", []):
+        typer.echo(child["summary"] + "\n")
     typer.echo(result["summary"])
 
 

@@ -7,28 +7,41 @@ worker actors (analysis/ray_tasks.py: each reads its images' features batch by b
 per-layer accumulators of analysis/streaming.py; this process holds no features), writes
 ``<out>/diagnostics.json``, CSV tables and PNG figures, and logs them all to one MLflow run that ends
 FINISHED, or FAILED on a crash.
+
+Several models (``--model`` repeated, ``--models FILE``): :func:`prepare_diagnose_models` runs
+:func:`prepare_diagnose` for every model before anything starts, and :func:`run_comparison` diagnoses them
+one after another (each over the same sharded workers, so each model fans out over the cluster), each into
+``<out>/<model>/`` and an MLflow child run of one parent run, then writes the comparison
+(orchestrator/diagnose_compare.py: the paper's table; two overlay figures) to ``<out>/`` and the parent.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
 from encmm.analysis import features as feats
 from encmm.analysis.saved_features import SavedFeatures, open_saved_features
 from encmm.analysis.spectra import SEP_STATISTICS, check_thresholds, threshold_key
 from encmm.orchestrator import tracking
 from encmm.orchestrator.outputs import check_out_folder
-from encmm.trainables.config import ConfigError
+from encmm.trainables.config import ConfigError, validate_model
+
+log = logging.getLogger(__name__)
 
 DATASET_PREFIXES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 RANK_STATS = ("p99", "mean", "median", "std", "q25", "q75")
@@ -72,6 +85,7 @@ class DiagnosePlan:
     thresholds: tuple[float, ...]
     layer_indices: list[int]  # model layer index of each diagnosed layer
     layer_shapes: list[tuple[int, int]]  # (tokens, channels) of each diagnosed layer
+    num_layers: int  # layers the source has (the diagnosed ones are a subset with --layers): depth l/L
     num_images: int
     out: Path
     uri: str
@@ -291,7 +305,8 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
             reader = open_saved_features(o.features)
         except ValueError as exc:
             raise ConfigError(f"--features: {exc}") from None
-        indices = _select_layers(o.layers, reader.num_layers)
+        num_layers = reader.num_layers
+        indices = _select_layers(o.layers, num_layers)
         label, data_label = o.model or f"features:{Path(o.features).name}", "features"
         reader = reader.select(indices)
         shapes = [(reader.tokens, reader.channels)] * len(indices)
@@ -313,14 +328,15 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
             raise ConfigError(f"{source} {label}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - the model cannot even run one blank image
             raise ConfigError(f"{source} {label}: forward_intermediates failed: {_first_line(exc)}") from None
-        indices = _select_layers(o.layers, len(all_shapes))
+        num_layers = len(all_shapes)
+        indices = _select_layers(o.layers, num_layers)
         shapes = [all_shapes[i] for i in indices]
         data_label, images = _image_source(o, spec)
         reader = feats.ModelFeatures(model, images, indices)
         params.update(
             input_size=f"{spec.size[0]}x{spec.size[1]}",
             pretrained=o.pretrained,
-            model_args=",".join(o.model_args) or None,
+            model_args=",".join(model_arg_strings(dict(sorted(_model_args(o.model_args).items())))) or None,
         )
     num_images = len(reader)
     params.update(model=label, data=data_label, images=num_images, layers=",".join(map(str, indices)))
@@ -331,6 +347,7 @@ def prepare_diagnose(o: DiagnoseOptions) -> DiagnosePlan:
         thresholds=thresholds,
         layer_indices=indices,
         layer_shapes=shapes,
+        num_layers=num_layers,
         num_images=num_images,
         out=out.resolve(),
         uri=uri,
@@ -559,30 +576,215 @@ def write_outputs(plan: DiagnosePlan, run_id: str, results: list[dict], last_arr
     return report
 
 
-def start_diagnose_run(plan: DiagnosePlan) -> str:
-    """Open the command's MLflow run (params, tags); it is closed FAILED should this process die."""
+def start_diagnose_run(plan: DiagnosePlan, parent_run_id: str | None = None) -> str:
+    """Open the command's MLflow run (params, tags); it is closed FAILED should this process die (a child run
+    of a comparison, by the parent's watchdog)."""
     run_name = f"diagnose-{tracking.safe_name(plan.label, 80, 'model')}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"encmm.kind": "diagnose", "encmm.out": str(plan.out)}
     if plan.options.run:
         tags["encmm.source_run_id"] = plan.options.run
-    run_id = tracking.start_run(plan.uri, plan.experiment, run_name, params=plan.params, tags=tags)
-    tracking.close_runs_if_process_dies(plan.uri, [run_id])
+    run_id = tracking.start_run(
+        plan.uri, plan.experiment, run_name, params=plan.params, tags=tags, parent_run_id=parent_run_id
+    )
+    if parent_run_id is None:
+        tracking.close_runs_if_process_dies(plan.uri, [run_id])
     return run_id
 
 
-def run_diagnose(plan: DiagnosePlan, *, address: str | None = None) -> dict:
-    """Stream, write, log. Returns {"run_id", "out", "report", "summary"}; the run ends FAILED (KILLED on
-    Ctrl-C) with the error in the ``encmm.error`` tag if anything raises."""
+@contextmanager
+def _ending_run(uri: str, run_id: str) -> Iterator[None]:
+    """The run ends FINISHED when the block completes; FAILED (KILLED on Ctrl-C) with the error in the
+    ``encmm.error`` tag if it raises."""
+    try:
+        yield
+        tracking.end_run(uri, run_id, "FINISHED")
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        tracking.end_run(uri, run_id, status, error="".join(traceback.format_exception_only(type(exc), exc)))
+        raise
+
+
+def run_diagnose(plan: DiagnosePlan, *, address: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Stream, write, log. Returns {"run_id", "out", "report", "summary", "sep_curve" (the last layer's mean
+    SEP curve, [C])}; the run (a child of `parent_run_id` if given) ends FAILED (KILLED on Ctrl-C) with the
+    error in the ``encmm.error`` tag if anything raises."""
     from encmm.orchestrator.ray_cluster import init_ray
 
     init_ray(address)
-    run_id = start_diagnose_run(plan)
-    try:
+    run_id = start_diagnose_run(plan, parent_run_id)
+    with _ending_run(plan.uri, run_id):
         results, last_arrays = compute_diagnostics(plan)
         report = write_outputs(plan, run_id, results, last_arrays)
-        tracking.end_run(plan.uri, run_id, "FINISHED")
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        tracking.end_run(plan.uri, run_id, status, error="".join(traceback.format_exception_only(type(exc), exc)))
-        raise
-    return {"run_id": run_id, "out": plan.out, "report": report, "summary": format_summary(report, plan.out, run_id)}
+    return {
+        "run_id": run_id,
+        "out": plan.out,
+        "report": report,
+        "summary": format_summary(report, plan.out, run_id),
+        "sep_curve": list(results[-1]["sep"]["mean"]),
+    }
+
+
+# ------------------------------------------------------------------------------ several models
+class ModelEntry(BaseModel):
+    """One model of a comparison: a ``--model NAME``, or an entry of a ``--models`` file (a name, or this
+    mapping). ``model_args`` come after the command's ``--model-arg`` (its keys win); ``pretrained``
+    defaults to ``--pretrained``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool | None = None
+
+
+@dataclass
+class ComparisonPlan:
+    """Every model validated into its own plan (outputs in ``<out>/<model>/``); the comparison goes to `out`."""
+
+    plans: list[DiagnosePlan]
+    out: Path
+    uri: str
+    experiment: str
+    params: dict
+
+
+def model_arg_strings(model_args: Mapping[str, Any]) -> list[str]:
+    """``--model-arg`` strings of a mapping (values written as JSON, which is YAML)."""
+    return [f"{key}={json.dumps(value, default=str)}" for key, value in model_args.items()]
+
+
+def read_models_file(ref: str) -> list[dict | str]:
+    """The entries of a ``--models`` file (a path, or a shipped experiment's name): a YAML list of model
+    names or of ``{model, model_args, pretrained}`` mappings."""
+    from encmm.orchestrator.experiments import resolve_model_list
+
+    try:
+        path = resolve_model_list(ref)
+    except ConfigError as exc:
+        raise ConfigError(f"--models: {exc}") from None
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"--models {ref}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(
+            f"--models {ref}: must be a non-empty YAML list of model names or "
+            "{model, model_args, pretrained} mappings"
+        )
+    return entries
+
+
+def model_entries(models: Sequence[str | Mapping[str, Any]], models_file: str | None = None) -> list[ModelEntry]:
+    """The models to diagnose, in order: `models` (names or mappings), then the ``--models`` file's. A model
+    given twice is refused (its outputs would share ``<out>/<model>/``)."""
+    items = [("--model", item) for item in models]
+    if models_file is not None:
+        listed = read_models_file(models_file)
+        items += [(f"--models {models_file} [entry {i}]", item) for i, item in enumerate(listed, 1)]
+    entries, folders = [], {}
+    for source, item in items:
+        if not isinstance(item, (str, Mapping)):
+            raise ConfigError(f"{source}: {item!r} is neither a model name nor a mapping")
+        entry = validate_model(ModelEntry, {"model": item} if isinstance(item, str) else dict(item), source)
+        folder = tracking.safe_name(entry.model, 80, "model")
+        if folder in folders:
+            other = folders[folder]
+            raise ConfigError(
+                f"--model: {entry.model!r} is given twice; give each model once"
+                if other == entry.model
+                else f"--model: {entry.model!r} and {other!r} would share the output folder {folder}/"
+            )
+        folders[folder] = entry.model
+        entries.append(entry)
+    return entries
+
+
+def _entry_options(o: DiagnoseOptions, entry: ModelEntry, out: str | None) -> DiagnoseOptions:
+    return replace(
+        o,
+        model=entry.model,
+        model_args=[*o.model_args, *model_arg_strings(entry.model_args)],
+        pretrained=o.pretrained if entry.pretrained is None else entry.pretrained,
+        out=out,
+    )
+
+
+def prepare_diagnose_models(
+    o: DiagnoseOptions, models: Sequence[str | Mapping[str, Any]] = (), models_file: str | None = None
+) -> DiagnosePlan | ComparisonPlan:
+    """`encmm diagnose` with its models (``--model`` repeated, ``--models FILE``; `o.model` unused): none or one
+    is :func:`prepare_diagnose` as for a single model; several are a :class:`ComparisonPlan` with every model
+    validated by :func:`prepare_diagnose`. Creates nothing; raises ConfigError (one line) or TrackingError."""
+    entries = model_entries(models, models_file)
+    if len(entries) <= 1:
+        return prepare_diagnose(_entry_options(o, entries[0], o.out) if entries else o)
+    sources = (("--checkpoint", o.checkpoint), ("--run", o.run), ("--features", o.features))
+    given = [flag for flag, value in sources if value is not None]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: one source only; {len(entries)} models are compared as timm models (drop {given[0]})"
+        )
+    out = Path(o.out) if o.out else Path.cwd() / "diagnostics" / f"comparison-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_out_folder(out)
+    plans = [
+        prepare_diagnose(_entry_options(o, entry, str(out / tracking.safe_name(entry.model, 80, "model"))))
+        for entry in entries
+    ]
+    shared = {key: value for key, value in plans[0].params.items() if all(p.params.get(key) == value for p in plans)}
+    params = {**shared, "models": ",".join(p.label for p in plans), "num_models": len(plans)}
+    return ComparisonPlan(plans=plans, out=out.resolve(), uri=plans[0].uri, experiment=o.experiment, params=params)
+
+
+def start_comparison_run(plan: ComparisonPlan) -> str:
+    """The parent run (tag ``encmm.kind`` = diagnose-comparison); it and its children are closed FAILED
+    should this process die."""
+    run_name = f"diagnose-comparison-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {"encmm.kind": "diagnose-comparison", "encmm.out": str(plan.out)}
+    run_id = tracking.start_run(plan.uri, plan.experiment, run_name, params=plan.params, tags=tags)
+    tracking.close_runs_if_process_dies(plan.uri, [run_id], children_of=[run_id])
+    return run_id
+
+
+def write_comparison(plan: ComparisonPlan, run_id: str, children: list[dict]) -> tuple[list[dict], list[Path]]:
+    """comparison.csv, sep_overlay.png and rank_vs_depth.png in `plan.out`, logged to the parent run `run_id`,
+    from the children's reports; returns (the table's rows, the paths)."""
+    from encmm.analysis import plots
+    from encmm.orchestrator import diagnose_compare as compare
+
+    reports = [child["report"] for child in children]
+    rows = compare.comparison_rows(reports)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        _write_csv(plan.out / "comparison.csv", list(rows[0]), [list(row.values()) for row in rows]),
+        plots.plot_sep_overlay(
+            [(report["model"], child["sep_curve"]) for report, child in zip(reports, children)],
+            plan.out / "sep_overlay.png",
+        ),
+        plots.plot_rank_vs_depth(
+            [compare.rank_depth_series(report, p.num_layers) for report, p in zip(reports, plan.plans)],
+            plan.out / "rank_vs_depth.png",
+        ),
+    ]
+    for path in paths:
+        tracking.log_artifact(plan.uri, run_id, path)
+    return rows, paths
+
+
+def run_comparison(plan: ComparisonPlan, *, address: str | None = None) -> dict:
+    """Each model in turn (each one's images sharded over the cluster's workers) into a child run of one parent
+    run, then the comparison. Returns {"run_id" (the parent), "out", "children" (each `run_diagnose`'s
+    result), "rows", "files", "summary"}. A crash ends the child in flight and the parent FAILED (KILLED on
+    Ctrl-C); the children already done stay FINISHED."""
+    from encmm.orchestrator import diagnose_compare as compare
+    from encmm.orchestrator.ray_cluster import init_ray
+
+    init_ray(address)
+    run_id = start_comparison_run(plan)
+    children = []
+    with _ending_run(plan.uri, run_id):
+        for position, child in enumerate(plan.plans, 1):
+            log.info("[diagnose] model %d/%d: %s -> %s", position, len(plan.plans), child.label, child.out)
+            children.append(run_diagnose(child, address=address, parent_run_id=run_id))
+        rows, files = write_comparison(plan, run_id, children)
+    summary = f"{compare.format_comparison(rows)}\n-> {files[0]} (MLflow parent run {run_id})"
+    return {"run_id": run_id, "out": plan.out, "children": children, "rows": rows, "files": files, "summary": summary}

@@ -51,6 +51,22 @@ def resolve_experiment(ref: str | Path | None, default: str) -> Path:
     raise ConfigError(f"{ref}: config file not found (nor a shipped experiment: {known})")
 
 
+def shipped_model_lists() -> dict[str, Path]:
+    """The model lists encmm ships for ``encmm diagnose --models NAME`` (``experiments/models/*.yaml``)."""
+    return {path.stem: path for path in sorted((SHIPPED_DIR / "models").glob("*.yaml"))}
+
+
+def resolve_model_list(ref: str | Path) -> Path:
+    """The ``--models`` file ``ref`` names: an existing file, or a shipped model list."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if path.parent == Path(".") and name in shipped_model_lists():
+        return shipped_model_lists()[name]
+    raise ConfigError(f"{ref}: file not found (nor a shipped model list: {', '.join(shipped_model_lists())})")
+
+
 def format_listing(sweeps: bool = True) -> str:
     """``encmm sweep --list``: each shipped sweep (or training config) with its one-line summary."""
     rows = [(name, summary_line(path)) for name, path in shipped_experiments().items() if is_sweep_file(path) == sweeps]

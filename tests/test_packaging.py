@@ -12,7 +12,13 @@ import tomllib
 from typer.testing import CliRunner
 
 from encmm.orchestrator.cli import app
-from encmm.orchestrator.experiments import is_sweep_file, resolve_experiment, shipped_experiments
+from encmm.orchestrator.experiments import (
+    is_sweep_file,
+    resolve_experiment,
+    resolve_model_list,
+    shipped_experiments,
+    shipped_model_lists,
+)
 from encmm.trainables.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,8 +27,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_package_installs_one_import_name_and_ships_every_experiment():
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert {name.split(".")[0] for name in tool["packages"]} == {"encmm"}
-    assert tool["package-data"]["encmm.experiments"] == ["*.yaml"]
+    assert tool["package-data"]["encmm.experiments"] == ["*.yaml", "models/*.yaml"]
     assert set(shipped_experiments()) == {p.stem for p in (ROOT / "experiments").glob("*.yaml")}
+    assert set(shipped_model_lists()) == {p.stem for p in (ROOT / "experiments" / "models").glob("*.yaml")}
+
+
+def test_the_shipped_model_list_is_found_by_name_from_any_folder_and_names_timm_models(tmp_path, monkeypatch):
+    import timm
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    path = resolve_model_list("diagnose-sep-models")
+    assert path == shipped_model_lists()["diagnose-sep-models"] == resolve_model_list("diagnose-sep-models.yaml")
+    names = yaml.safe_load(path.read_text())
+    assert len(names) == 6 and all(timm.is_model(name) for name in names)  # the paper's SEP figure
+    with pytest.raises(ConfigError, match="nor a shipped model list: diagnose-sep-models"):
+        resolve_model_list("no-such-list")
 
 
 @pytest.mark.parametrize("ref", ["digits-widths", "digits-widths.yaml", "experiments/digits-widths.yaml"])
