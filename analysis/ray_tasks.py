@@ -72,6 +72,10 @@ class ShardWorker:
         self.reader = reader.to(device)
         self.accumulators: list = []
 
+    def node_id(self) -> str:
+        """The id of the Ray node this worker runs on."""
+        return ray.get_runtime_context().get_node_id()
+
     def start(self, accumulators: list) -> None:
         """Begin a pass with one empty accumulator per layer."""
         self.accumulators = accumulators
@@ -160,10 +164,10 @@ def stream_diagnostics(
     workers: int | None = None,
     use_gpu: bool = False,
     progress: Callable[[int, int], None] | None = None,
-) -> int:
+) -> list[str]:
     """Run the passes of every layer's `LayerStream` (same images, pairs and seed; in the order of
     `reader.read`'s layers) over `reader`'s images on sharded `ShardWorker` actors; afterwards each
-    stream's `result()` and `arrays()` are ready. Returns the number of workers used.
+    stream's `result()` and `arrays()` are ready. Returns the Ray node id of each worker used.
 
     Read 1 (pass 1): images 0..I-1 in batches of `batch_size` consecutive positions, each worker one
     contiguous run of batches. Read 2 (passes 2 and 3): the batches of `sweep_batches`, batch j on worker
@@ -185,6 +189,7 @@ def stream_diagnostics(
         return list(zip(streams, _run_pass(actors, lambda: [empty(s) for s in streams], shards, report)))
 
     try:
+        nodes = ray.get([actor.node_id.remote() for actor in actors])
         for stream, parts in run(LayerStream.first_pass, _contiguous_shards(batches, count)):
             stream.finish_first(*parts)
         for stream, parts in run(LayerStream.sweep_pass, [sweep[position::count] for position in range(count)]):
@@ -193,4 +198,4 @@ def stream_diagnostics(
         for actor in actors:
             ray.kill(actor)
         del reader_ref
-    return count
+    return nodes

@@ -3,6 +3,8 @@ sharded path against the in-memory one it replaced, in the same run.
 
     python3 bench/bench_diagnose_scale.py                                # K = 10, 40, 160; baseline at K = 40
     python3 bench/bench_diagnose_scale.py --sizes 10 --baseline-sizes 10 # a quick check (~2 minutes on 2 cores)
+    python3 bench/bench_diagnose_scale.py --sizes 10,160,200 --baseline-sizes '' --features-images 500
+                                          # 1,600 images, the full digits set, a ViT-Large-shaped feature folder
 
 (a) Streamed: for each K in ``--sizes``, ``encmm diagnose --model deit_tiny_patch16_224 --images-per-class K``
     (random init, the embedded digits: 10 K images, all 12 layers of 196 tokens x 192 channels, default
@@ -21,7 +23,11 @@ actors and tasks) is summed (``psutil.Process.memory_full_info().pss``; RSS woul
 once per process that maps it). Reported per run: peak PSS, wall time, wall per image; then
 PSS(largest K) / PSS(smallest K) of (a) (target <= 1.25), and where a K is in both lists the wall ratio
 in-memory / streamed (the streamed path "as fast" at >= 0.9) and the largest difference between the two
-diagnostics.json (ranks must be identical). Runs alternate (a, b) per K. Writes JSON to ``--json``.
+diagnostics.json (ranks must be identical). Runs alternate (a, b) per K.
+(c) With ``--features-images M``: M synthetic float32 ``[L, N, C]`` arrays (``--features-shape``, default
+    ViT-Large's 24 x 196 x 1024: ~19 MB each, ~9 GiB for 500) written to a folder, then ``encmm diagnose
+    --features <folder>`` measured the same way (target: peak PSS <= 4 GiB).
+Writes JSON to ``--json``.
 """
 
 from __future__ import annotations
@@ -191,6 +197,38 @@ def run_in_memory(args, per_class: int, folder: Path) -> dict:
     return measure("in-memory", command, folder, 10 * per_class, args.interval)
 
 
+def write_feature_folder(folder: Path, images: int, shape: tuple[int, int, int], seed: int = 0) -> float:
+    """One float32 ``[L, N, C]`` .npy per image: per layer a shared low-rank channel mixing (rank C/16, decaying
+    scales) plus white noise, so ranks lie inside (1, N). Returns the folder's size in GiB."""
+    import numpy as np
+
+    layers, tokens, channels = shape
+    rng = np.random.default_rng(seed)
+    rank = max(1, channels // 16)
+    mixing = rng.standard_normal((layers, rank, channels), dtype=np.float32)
+    mixing *= (1.0 / np.arange(1, rank + 1, dtype=np.float32))[None, :, None]
+    folder.mkdir(parents=True)
+    for image in range(images):
+        codes = rng.standard_normal((layers, tokens, rank), dtype=np.float32)
+        x = codes @ mixing + 0.05 * rng.standard_normal((layers, tokens, channels), dtype=np.float32)
+        np.save(folder / f"{image:06d}.npy", x)
+    return sum(path.stat().st_size for path in folder.iterdir()) / 2**30
+
+
+def run_feature_folder(args, folder: Path) -> dict:
+    """``encmm diagnose --features <folder>`` over ``args.features_images`` synthetic per-image arrays."""
+    shape = tuple(int(v) for v in args.features_shape.split(","))
+    started = time.time()
+    size = write_feature_folder(folder / "features", args.features_images, shape)
+    print(f"wrote {args.features_images} arrays {shape} float32: {size:.2f} GiB in {time.time() - started:.0f} s")
+    command = [sys.executable, "-m", "encmm.orchestrator.cli", "diagnose", "--features", str(folder / "features")]
+    command += ["--out", str(folder / "out"), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+    if args.workers:
+        command += ["--workers", str(args.workers)]
+    result = measure("features", command, folder, args.features_images, args.interval)
+    return {**result, "shape": shape, "folder_gib": size}
+
+
 def compare_reports(streamed: Path, in_memory: Path) -> dict:
     """Largest |difference| over the numbers of two diagnostics.json (and where), the same without the angles
     (arccos amplifies round-off near 0 degrees: ~1e-16 in a cosine is ~1e-6 degrees), and whether the ranks
@@ -228,6 +266,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="--device of both paths")
     parser.add_argument("--workers", type=int, default=None, help="--workers of the streamed runs (default: theirs)")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between PSS samples")
+    parser.add_argument(
+        "--features-images", type=int, default=0, help="also diagnose a synthetic --features folder of this many images"
+    )
+    parser.add_argument("--features-shape", default="24,196,1024", help="L,N,C of each image (default: ViT-Large)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs' folders here")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "diagnose_scale.json")
     return parser.parse_args()
@@ -276,6 +318,14 @@ def main() -> None:
             f"K={c['K']}: in-memory wall / streamed wall = {c['speed_ratio']:.2f} (streamed as fast at >= 0.9); "
             f"diagnostics.json max |diff| {c['max_abs_difference']:.2e} at {c['at']} "
             f"({c['max_abs_difference_no_angles']:.2e} without angles), ranks identical: {c['ranks_identical']}"
+        )
+    if args.features_images:
+        features = run_feature_folder(args, folder / "feature-folder")
+        summary["feature_folder"] = features
+        print(
+            f"--features folder, {features['images']} images of {features['shape']} "
+            f"({features['folder_gib']:.1f} GiB): "
+            f"peak PSS {features['peak_pss_gib']:.2f} GiB (target <= 4), wall {features['wall_s']:.0f} s"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"model": MODEL, "device": args.device, "runs": runs, **summary}, indent=1))

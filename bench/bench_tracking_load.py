@@ -91,7 +91,9 @@ def free_port() -> int:
 def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
     """``mlflow server`` on a SQLite backend, started as ``encmm ui`` starts it (own process group);
     returns once ``/health`` answers."""
-    process = ui_command.start_server(f"sqlite:///{folder / 'server.db'}", port=port)
+    command = ui_command.server_command(f"sqlite:///{folder / 'server.db'}", ui_command.DEFAULT_HOST, port)
+    log = (folder / "server.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         ui_command.wait_healthy(ui_command.server_url(ui_command.DEFAULT_HOST, port), process)
     except BaseException:

@@ -522,10 +522,11 @@ def format_summary(report: dict, out: Path, run_id: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- run
-def compute_diagnostics(plan: DiagnosePlan) -> tuple[list[dict], dict]:
-    """Every layer's `diagnose_layer` result (with the chosen SEP statistic) and the last layer's
-    `per_image_arrays`, streamed over sharded Ray workers (analysis/ray_tasks.py); Ray must be initialised.
-    A progress bar on stderr counts the images read over the three passes."""
+def compute_diagnostics(plan: DiagnosePlan) -> tuple[list[dict], dict, list[str]]:
+    """Every layer's `diagnose_layer` result (with the chosen SEP statistic), the last layer's
+    `per_image_arrays` and the Ray node id of each worker, streamed over sharded Ray workers
+    (analysis/ray_tasks.py); Ray must be initialised. A progress bar on stderr counts the images read over
+    the three passes."""
     from tqdm import tqdm
 
     from encmm.analysis.ray_tasks import stream_diagnostics
@@ -543,7 +544,7 @@ def compute_diagnostics(plan: DiagnosePlan) -> tuple[list[dict], dict]:
                 bar.total = total
             bar.update(images)
 
-        stream_diagnostics(
+        nodes = stream_diagnostics(
             streams,
             plan.reader,
             batch_size=o.batch_size,
@@ -552,7 +553,7 @@ def compute_diagnostics(plan: DiagnosePlan) -> tuple[list[dict], dict]:
             progress=advance,
         )
     results = [select_sep_statistic(stream.result(), o.sep_statistic) for stream in streams]
-    return results, streams[-1].arrays()
+    return results, streams[-1].arrays(), nodes
 
 
 def write_outputs(plan: DiagnosePlan, run_id: str, results: list[dict], last_arrays: dict) -> dict:
@@ -613,7 +614,8 @@ def run_diagnose(plan: DiagnosePlan, *, address: str | None = None, parent_run_i
     init_ray(address)
     run_id = start_diagnose_run(plan, parent_run_id)
     with _ending_run(plan.uri, run_id):
-        results, last_arrays = compute_diagnostics(plan)
+        results, last_arrays, nodes = compute_diagnostics(plan)
+        tracking.set_tags(plan.uri, run_id, {"encmm.workers": len(nodes), "encmm.worker_nodes": ",".join(nodes)})
         report = write_outputs(plan, run_id, results, last_arrays)
     return {
         "run_id": run_id,

@@ -43,10 +43,36 @@ def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = No
     return uri
 
 
+_READY_SQLITE_STORES: set[str] = set()  # created (or found) by this process, under the lock
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///") and uri not in _READY_SQLITE_STORES:
+        _open_sqlite_store_once(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def _open_sqlite_store_once(uri: str) -> None:
+    """Open a SQLite store while holding an exclusive lock on it. MLflow creates a new store's tables on first
+    use (its schema migrations); two processes doing that at once, say two ``encmm sweep`` started together
+    in one folder, fail with ``duplicate column name``. The lock file is in the temp folder (one per database
+    path), so the store's folder holds only what MLflow writes."""
+    import fcntl
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    key = hashlib.sha1(str(db).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"encmm-sqlite-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates and migrates the tables
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY_SQLITE_STORES.add(uri)
 
 
 def artifact_location_for(uri: str, experiment: str) -> str | None:
@@ -119,7 +145,13 @@ def ensure_experiment(uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location_for(uri, name))
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location_for(uri, name))
+    except Exception:  # noqa: BLE001 - another process created it since (MLflow: RESOURCE_ALREADY_EXISTS)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def safe_name(text: str, limit: int = 100, empty: str = "run") -> str:

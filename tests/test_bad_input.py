@@ -133,6 +133,13 @@ CASES = [
         (text("bad.yaml", sweep_yaml(base_extra="  kd: {alpah: 0.5}\n")),),
     ),
     Case(
+        "sweep-bucket-output-dir-in-base",
+        "sweep",
+        ("bad.yaml",),
+        ("bad.yaml", "tracking.output_dir", "s3://bucket/runs", "bucket storage is not supported yet"),
+        (text("bad.yaml", sweep_yaml(base_extra="  tracking: {output_dir: 's3://bucket/runs'}\n")),),
+    ),
+    Case(
         "sweep-grid-axis-unknown-key",
         "sweep",
         ("bad.yaml",),

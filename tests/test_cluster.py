@@ -4,6 +4,7 @@ nodes, and a node SIGKILLed mid-trial costs that trial at most its epoch in flig
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -68,6 +69,11 @@ class TwoNodes:
 
     def start_second(self) -> None:
         self.second = self.ray_start(f"--address={self.address}")
+
+    def ensure_second(self) -> None:
+        """Start the second node again if an earlier test lost it."""
+        if not any(psutil.pid_exists(p) and psutil.Process(p).name() == "raylet" for p in self.second):
+            self.start_second()
 
     @property
     def second_raylet(self) -> int:
@@ -167,6 +173,17 @@ def start_on_cluster(nodes: TwoNodes, folder: Path, uri: str, *args: str) -> sub
     )
 
 
+def cluster_nodes(nodes: TwoNodes) -> list[dict]:
+    """``ray.nodes()`` of the cluster, asked by a driver of its own (this process stays off it)."""
+    code = (
+        f"import json, ray\nray.init(address={nodes.address!r}, logging_level='ERROR')\nprint(json.dumps(ray.nodes()))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=nodes.env, capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def ray_log_lines(temp_dir: Path, text: str) -> list[str]:
     """Lines holding ``text`` in the log files of every node of the cluster whose temp folder is ``temp_dir``."""
     found = []
@@ -199,8 +216,7 @@ def test_ddp_run_spanning_both_nodes_resumes_when_the_lost_node_comes_back(two_n
     one joins: Ray Train restarts the worker group on it and resumes from the last committed epoch."""
     from mlflow.tracking import MlflowClient
 
-    if not any(psutil.pid_exists(p) and psutil.Process(p).name() == "raylet" for p in two_nodes.second):
-        two_nodes.start_second()  # the previous test lost it
+    two_nodes.ensure_second()
     port = free_port()
     server = start_mlflow_server(tmp_path / "store", port)
     uri = f"http://127.0.0.1:{port}"
@@ -235,3 +251,43 @@ def test_ddp_run_spanning_both_nodes_resumes_when_the_lost_node_comes_back(two_n
         assert sorted(steps) == list(range(epochs)), steps  # resumed from the last committed epoch
     finally:
         stop_server(server)
+
+
+def test_diagnose_sharded_over_both_nodes_gives_the_numbers_of_one_node(two_nodes, tmp_path):
+    """`encmm diagnose --workers 2 --address <head>`: one shard worker per node (1 CPU each), tracked into a
+    real mlflow server; the same command on a fresh one-node local cluster gives the same diagnostics."""
+    from mlflow.tracking import MlflowClient
+    from test_diagnose import assert_same_numbers
+
+    two_nodes.ensure_second()
+    overrides = ("img_size=32", "patch_size=8", "depth=2")
+    model = ["--model", "vit_tiny_patch16_224", *(f"--model-arg={a}" for a in overrides)]
+    args = ["diagnose", *model, "--images-per-class", "3", "--batch-size", "4", "--pairs", "20", "--workers", "2"]
+    port = free_port()
+    server = start_mlflow_server(tmp_path / "store", port)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        proc = start_on_cluster(two_nodes, tmp_path, uri, *args, "--out", "two-nodes")
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        one_node = subprocess.run(  # no --address, no RAY_ADDRESS: a local cluster of this machine's CPUs
+            [*ENCMM, *args, "--out", "one-node", "--tracking-uri", f"sqlite:///{tmp_path / 'one.db'}"],
+            cwd=tmp_path,
+            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert one_node.returncode == 0, one_node.stderr[-3000:]
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("encmm")
+        (run,) = client.search_runs([experiment.experiment_id], "tags.`encmm.kind` = 'diagnose'")
+        assert run.info.status == "FINISHED" and run.data.tags["encmm.workers"] == "2"
+        alive = {n["NodeID"] for n in cluster_nodes(two_nodes) if n["Alive"]}
+        assert set(run.data.tags["encmm.worker_nodes"].split(",")) == alive and len(alive) == 2  # both nodes
+    finally:
+        stop_server(server)
+    two = json.loads((tmp_path / "two-nodes" / "diagnostics.json").read_text())
+    one = json.loads((tmp_path / "one-node" / "diagnostics.json").read_text())
+    assert two["num_images"] == 30 and len(two["layers"]) == 2
+    assert_same_numbers(two, one)  # integer ranks identical, floats to round-off

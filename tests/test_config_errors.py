@@ -59,6 +59,12 @@ CASES = [
     Case("wrong-type", BASE, ("data.batch_size=big",), expect=("bad.yaml", "data.batch_size", "'big'")),
     Case("out-of-range", BASE, ("kd.alpha=1.5",), expect=("bad.yaml", "kd.alpha", "1.5")),
     Case(
+        "bucket-output-dir",
+        BASE,
+        ("tracking.output_dir=s3://bucket/runs",),
+        expect=("bad.yaml", "tracking.output_dir", "s3://bucket/runs", "bucket storage is not supported yet"),
+    ),
+    Case(
         "width-not-divisible-by-head-dim",
         BASE,
         ("student.width=100", "student.head_dim=64"),

@@ -268,3 +268,27 @@ def test_a_resumed_worker_logs_its_checkpoint_epoch_only_when_the_store_lacks_it
     logger.log_metrics_if_missing({"val/acc1": 60.0, "epoch": 3}, 3)  # committed, never logged: logged now
     history = MlflowClient(tracking_uri).get_metric_history(run_id, "val/acc1")
     assert sorted((m.step, m.value) for m in history) == [(2, 50.0), (3, 60.0)]
+
+
+def test_processes_opening_one_new_sqlite_store_at_once_all_get_its_experiment(tmp_path):
+    """Two `encmm sweep` started together in a new folder both create mlflow.db: MLflow's table creation
+    is not safe against itself (one fails with "duplicate column name"). Four processes, released together."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    go = time.time() + 8  # every process imported MLflow by then
+    code = textwrap.dedent(
+        f"""
+        import time
+        from encmm.orchestrator import tracking
+        time.sleep(max(0.0, {go} - time.time()))
+        print(tracking.ensure_experiment({uri!r}, "encmm"))
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    results = [(proc.wait(120), *proc.communicate()) for proc in procs]
+    assert all(rc == 0 for rc, _, _ in results), [err[-800:] for rc, _, err in results if rc]
+    ids = {out.strip() for _, out, _ in results}
+    assert len(ids) == 1, ids  # one experiment, whoever created it
+    assert ids == {tracking.ensure_experiment(uri, "encmm")}

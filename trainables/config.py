@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -204,6 +204,18 @@ class TrackingConfig(_Strict):
     experiment: str = "encmm"
     output_dir: str = Field("encmm-runs", description="checkpoints and resolved configs (Ray storage path)")
 
+    @field_validator("output_dir")
+    @classmethod
+    def _filesystem_folder(cls, value: str) -> str:
+        # Checkpoints are written, renamed into place and fallen back on as files: a bucket URI would be
+        # taken for a relative folder named "s3:" (issue 16: bucket storage is not built yet).
+        if "://" in value:
+            raise ValueError(
+                f"{value}: bucket storage is not supported yet; give a folder every node sees "
+                "(local disk on one machine, NFS, or the bucket mounted with s3fs / gcsfuse)"
+            )
+        return value
+
 
 class TrainConfig(_Strict):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -348,8 +360,9 @@ def absolutize_paths(tree: dict, base: Path | None = None) -> dict:
     for dotted in PATH_FIELDS:
         section, key = dotted.split(".")
         node = out.get(section)
-        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
-            node[key] = str((base / Path(node[key]).expanduser()).resolve())
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and "://" not in value:  # a URI is no path: its field checks it
+            node[key] = str((base / Path(value).expanduser()).resolve())
     if not (out.get("tracking") or {}).get("output_dir"):
         out.setdefault("tracking", {})["output_dir"] = str(base / TrackingConfig().output_dir)
     return out
