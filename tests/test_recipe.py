@@ -108,12 +108,12 @@ def test_epoch_schedule_resumes_at_the_lr_of_the_next_epoch(tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_after_epoch_1(metrics, epoch):
-        if epoch == 2:
+    def stop_while_logging_epoch_1(metrics, epoch):  # epoch 1's checkpoint is committed before its log
+        if epoch == 1:
             raise Stop
 
     with pytest.raises(Stop):
-        fit(cfg, log=stop_after_epoch_1, checkpoint_dir=tmp_path / "resumed")
+        fit(cfg, log=stop_while_logging_epoch_1, checkpoint_dir=tmp_path / "resumed")
     resumed = []
     last = fit(cfg, log=lambda metrics, epoch: resumed.append(metrics), checkpoint_dir=tmp_path / "resumed")
     kw = dict(base=1e-3, warmup_lr=1e-6, warmup=2, total=4, min_lr=1e-5)
