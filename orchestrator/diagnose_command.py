@@ -23,9 +23,7 @@ import logging
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -592,19 +590,6 @@ def start_diagnose_run(plan: DiagnosePlan, parent_run_id: str | None = None) -> 
     return run_id
 
 
-@contextmanager
-def _ending_run(uri: str, run_id: str) -> Iterator[None]:
-    """The run ends FINISHED when the block completes; FAILED (KILLED on Ctrl-C) with the error in the
-    ``encmm.error`` tag if it raises."""
-    try:
-        yield
-        tracking.end_run(uri, run_id, "FINISHED")
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        tracking.end_run(uri, run_id, status, error="".join(traceback.format_exception_only(type(exc), exc)))
-        raise
-
-
 def run_diagnose(plan: DiagnosePlan, *, address: str | None = None, parent_run_id: str | None = None) -> dict:
     """Stream, write, log. Returns {"run_id", "out", "report", "summary", "sep_curve" (the last layer's mean
     SEP curve, [C])}; the run (a child of `parent_run_id` if given) ends FAILED (KILLED on Ctrl-C) with the
@@ -613,7 +598,7 @@ def run_diagnose(plan: DiagnosePlan, *, address: str | None = None, parent_run_i
 
     init_ray(address)
     run_id = start_diagnose_run(plan, parent_run_id)
-    with _ending_run(plan.uri, run_id):
+    with tracking.ending_run(plan.uri, run_id):
         results, last_arrays, nodes = compute_diagnostics(plan)
         tracking.set_tags(plan.uri, run_id, {"encmm.workers": len(nodes), "encmm.worker_nodes": ",".join(nodes)})
         report = write_outputs(plan, run_id, results, last_arrays)
@@ -783,7 +768,7 @@ def run_comparison(plan: ComparisonPlan, *, address: str | None = None) -> dict:
     init_ray(address)
     run_id = start_comparison_run(plan)
     children = []
-    with _ending_run(plan.uri, run_id):
+    with tracking.ending_run(plan.uri, run_id):
         for position, child in enumerate(plan.plans, 1):
             log.info("[diagnose] model %d/%d: %s -> %s", position, len(plan.plans), child.label, child.out)
             children.append(run_diagnose(child, address=address, parent_run_id=run_id))

@@ -200,6 +200,21 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None =
     client.set_terminated(run_id, status=status)
 
 
+@contextmanager
+def ending_run(uri: str, run_id: str):
+    """The run ends FINISHED when the block completes; FAILED (KILLED on Ctrl-C) with the error in the
+    ``encmm.error`` tag if it raises (the exception goes on)."""
+    import traceback
+
+    try:
+        yield
+        end_run(uri, run_id, "FINISHED")
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        end_run(uri, run_id, status, error="".join(traceback.format_exception_only(type(exc), exc)))
+        raise
+
+
 def close_runs_if_process_dies(uri: str, run_ids: list[str], children_of: list[str] | None = None) -> None:
     """Start a watchdog (``orchestrator.watchdog``) that ends these runs FAILED if this process dies
     with them still RUNNING (SIGKILL, OOM): no run is left RUNNING by a crash nothing could catch."""

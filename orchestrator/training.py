@@ -12,7 +12,6 @@ import logging
 import signal
 import threading
 import time
-import traceback
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -157,7 +156,7 @@ def run_train(
     )
     tracking.close_runs_if_process_dies(uri, [run_id])
     logger = tracking.RunLogger(uri, run_id, spool=str(run_dir / tracking.SPOOL_FILE))
-    try:
+    with tracking.ending_run(uri, run_id):
         logger.log_artifact(write_resolved_config(cfg, run_dir))
         trainer = build_trainer(
             cfg,
@@ -175,9 +174,4 @@ def run_train(
             logger.log_artifact(best, "checkpoints")
         summary = {k: v for k, v in final.items() if k.startswith(("val/", "best/", "train/"))}
         logger.log_metrics({f"final/{k}": v for k, v in summary.items()}, step=int(final.get("epoch", 0)))
-        tracking.end_run(uri, run_id, "FINISHED")
-        return {"run_id": run_id, "run_dir": str(run_dir), **final}
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        tracking.end_run(uri, run_id, status, error="".join(traceback.format_exception_only(type(exc), exc)))
-        raise
+    return {"run_id": run_id, "run_dir": str(run_dir), **final}
