@@ -180,6 +180,15 @@ def measure(kind: str, command: list[str], folder: Path, images: int, interval: 
     }
 
 
+def digits_images(per_class: int) -> int:
+    """How many images ``--images-per-class K`` takes from the embedded digits: K per class, or all a class
+    has (178-183; K >= 183 is the full set of 1,797)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    return int(np.minimum(np.bincount(load_digits().target), per_class).sum())
+
+
 def run_streamed(args, per_class: int, folder: Path) -> dict:
     folder.mkdir(parents=True)
     command = [sys.executable, "-m", "encmm.orchestrator.cli", "diagnose", "--model", MODEL]
@@ -187,14 +196,14 @@ def run_streamed(args, per_class: int, folder: Path) -> dict:
     command += ["--out", str(folder / "out"), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"]
     if args.workers:
         command += ["--workers", str(args.workers)]
-    return measure("streamed", command, folder, 10 * per_class, args.interval)
+    return measure("streamed", command, folder, digits_images(per_class), args.interval)
 
 
 def run_in_memory(args, per_class: int, folder: Path) -> dict:
     folder.mkdir(parents=True)
     command = [sys.executable, __file__, "--in-memory-child", str(per_class), str(folder / "out")]
     command += [f"sqlite:///{folder / 'mlflow.db'}", args.device]
-    return measure("in-memory", command, folder, 10 * per_class, args.interval)
+    return measure("in-memory", command, folder, digits_images(per_class), args.interval)
 
 
 def write_feature_folder(folder: Path, images: int, shape: tuple[int, int, int], seed: int = 0) -> float:

@@ -27,6 +27,7 @@ from ray import tune
 from encmm.orchestrator import tracking
 from encmm.orchestrator.sweep_config import SearchSpace, grid_axes, trial_config_dict
 from encmm.orchestrator.sweep_plan import RuntimePlan
+from encmm.trainables import storage as storage_io
 from encmm.trainables.config import TrainConfig, flatten
 from encmm.trainables.execution import Execution
 
@@ -57,6 +58,14 @@ def trial_train_config(plan: RuntimePlan, assignment: dict[str, Any], trial_id: 
     tree = trial_config_dict(plan.base, assignment, plan.search.arms)
     tree["name"] = f"{plan.name}-{trial_id}"[:100]
     return TrainConfig.model_validate(tree)
+
+
+def trial_checkpoint_root(cfg: TrainConfig, plan: RuntimePlan):
+    """Where the sweep's trials keep checkpoints: ``<sweep_dir>/trials``, or the same path under
+    ``tracking.storage`` (a bucket, say) when it is set."""
+    if cfg.tracking.storage is None:
+        return plan.sweep_dir / "trials"
+    return storage_io.child(storage_io.as_location(cfg.tracking.storage), "sweeps", plan.sweep_dir.name, "trials")
 
 
 def run_trial(config: dict[str, Any], plan: RuntimePlan) -> None:
@@ -92,8 +101,9 @@ def run_trial(config: dict[str, Any], plan: RuntimePlan) -> None:
     )
     # Where this attempt runs (a retry after a lost node runs elsewhere): the node a user looks up in Ray.
     tracking.set_tags(uri, run_id, {"encmm.node_id": ray.get_runtime_context().get_node_id()})
-    storage = plan.sweep_dir / "trials"
-    logger = tracking.RunLogger(uri, run_id, spool=str(storage / trial_id / tracking.SPOOL_FILE))
+    local = plan.sweep_dir / "trials"  # the metric spool and a local best.pt
+    storage = trial_checkpoint_root(cfg, plan)
+    logger = tracking.RunLogger(uri, run_id, spool=str(local / trial_id / tracking.SPOOL_FILE))
     try:
         # In local mode the Train loop runs in this process and reports to Tune itself (building a
         # TuneReportCallback would start a queue actor for nothing).
@@ -112,9 +122,10 @@ def run_trial(config: dict[str, Any], plan: RuntimePlan) -> None:
         final = final_metrics(trainer.fit())
         logger.flush()
         epoch = int(final.get("epoch", 0))
-        best = storage / trial_id / BEST_FILE
+        best = storage_io.child(storage, trial_id, BEST_FILE)
         summary = {f"final/{k}": v for k, v in final.items() if k.startswith(("val/", "train/", "best/"))}
-        if best.is_file():
+        if storage_io.exists(best):
+            best = storage_io.local_copy(best, local / trial_id)
             logger.log_artifact(best, "checkpoints")
             from encmm.trainables.teacher import load_checkpoint_file
 

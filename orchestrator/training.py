@@ -23,6 +23,7 @@ from encmm.orchestrator import tracking
 from encmm.orchestrator.experiments import DEFAULT_TRAIN, resolve_experiment
 from encmm.orchestrator.interrupts import Interrupted
 from encmm.orchestrator.ray_cluster import init_ray
+from encmm.trainables import storage
 from encmm.trainables.config import (
     TrainConfig,
     apply_overrides,
@@ -145,14 +146,19 @@ def run_train(
 
     init_ray(address)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(cfg.tracking.output_dir)
-    run_dir = storage / run_name
+    run_dir = Path(cfg.tracking.output_dir) / run_name  # config, metric spool, best.pt: local files
+    checkpoints = storage.as_location(cfg.tracking.checkpoint_root())  # Ray's storage_path: maybe a bucket
     run_id = tracking.start_run(
         uri,
         cfg.tracking.experiment,
         run_name,
         params=flatten(cfg.model_dump(mode="json")),
-        tags={"encmm.kind": "train", "encmm.run_dir": str(run_dir), **(tags or {})},
+        tags={
+            "encmm.kind": "train",
+            "encmm.run_dir": str(run_dir),
+            "encmm.checkpoint_dir": str(storage.child(checkpoints, run_name)),
+            **(tags or {}),
+        },
     )
     tracking.close_runs_if_process_dies(uri, [run_id])
     logger = tracking.RunLogger(uri, run_id, spool=str(run_dir / tracking.SPOOL_FILE))
@@ -161,7 +167,7 @@ def run_train(
         trainer = build_trainer(
             cfg,
             run_name=run_name,
-            storage_path=str(storage),
+            storage_path=str(checkpoints),
             log=logger,
             teacher_checkpoint=teacher_checkpoint,
             execution=Execution.of(cfg.resources, lone_run=True),  # no Tune retry: Ray Train restarts workers
@@ -169,9 +175,9 @@ def run_train(
         with epoch_progress(uri, run_id, progress_label or f"[{cfg.name}]", cfg.schedule.epochs):
             final = final_metrics(fit_and_release(trainer))
         logger.flush()  # metrics spooled while the store was unreachable, with MLflow's own retries
-        best = run_dir / BEST_FILE
-        if best.is_file():
-            logger.log_artifact(best, "checkpoints")
+        best = storage.child(checkpoints, run_name, BEST_FILE)
+        if storage.exists(best):
+            logger.log_artifact(storage.local_copy(best, run_dir), "checkpoints")
         summary = {k: v for k, v in final.items() if k.startswith(("val/", "best/", "train/"))}
         logger.log_metrics({f"final/{k}": v for k, v in summary.items()}, step=int(final.get("epoch", 0)))
     return {"run_id": run_id, "run_dir": str(run_dir), **final}

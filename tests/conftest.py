@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,26 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # Where tests arm faults (tests/fault_injection.py): set before the session's Ray cluster starts, so that
 # every Ray worker inherits it. With no fault armed, nothing is injected.
 os.environ.setdefault(FAULTS_ENV, tempfile.mkdtemp(prefix="encmm-test-faults-"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Bucket tests talk to a local S3-compatible server (moto's, started by the `s3_bucket` fixture), never to
+# AWS: the endpoint and dummy credentials are set before the session's Ray cluster starts, so every Ray
+# worker (where checkpoints are written) inherits them, as on a cluster whose nodes share an environment.
+# (setdefault: this module is imported twice, by pytest and as ``tests.conftest``; one port for both.)
+S3_PORT = int(os.environ.setdefault("ENCMM_TEST_S3_PORT", str(_free_port())))
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="encmm-test",
+    AWS_SECRET_ACCESS_KEY="encmm-test",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
 
 TINY_STUDENT = ["student.width=32", "student.depth=2", "student.head_dim=16", "student.patch_size=4"]
 TINY_DIGITS = ["data.name=digits", "data.img_size=16", "data.batch_size=64"] + TINY_STUDENT
@@ -71,3 +96,37 @@ def _remove_fault_folder():
 @pytest.fixture()
 def tracking_uri(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server (a real HTTP server from PyPI) on the loopback port the AWS env names."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.2)
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """A new, empty bucket on the local S3 server: ``s3://<bucket>``."""
+    import pyarrow.fs
+
+    name = f"encmm-{uuid.uuid4().hex[:12]}"
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    pyarrow.fs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(name)
+    return f"s3://{name}"

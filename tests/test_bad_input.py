@@ -136,7 +136,7 @@ CASES = [
         "sweep-bucket-output-dir-in-base",
         "sweep",
         ("bad.yaml",),
-        ("bad.yaml", "tracking.output_dir", "s3://bucket/runs", "bucket storage is not supported yet"),
+        ("bad.yaml", "tracking.output_dir", "s3://bucket/runs", "set tracking.storage: s3://bucket/runs"),
         (text("bad.yaml", sweep_yaml(base_extra="  tracking: {output_dir: 's3://bucket/runs'}\n")),),
     ),
     Case(

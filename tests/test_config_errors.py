@@ -62,7 +62,13 @@ CASES = [
         "bucket-output-dir",
         BASE,
         ("tracking.output_dir=s3://bucket/runs",),
-        expect=("bad.yaml", "tracking.output_dir", "s3://bucket/runs", "bucket storage is not supported yet"),
+        expect=("bad.yaml", "tracking.output_dir", "s3://bucket/runs", "set tracking.storage: s3://bucket/runs"),
+    ),
+    Case(
+        "storage-unknown-scheme",
+        BASE,
+        ("tracking.storage=ftp://host/ckpts",),
+        expect=("bad.yaml", "tracking.storage", "unknown storage scheme 'ftp'"),
     ),
     Case(
         "width-not-divisible-by-head-dim",

@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from encmm.orchestrator.cli import app
+from tests.test_storage import objects
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TINY_BASE = {
@@ -90,10 +91,11 @@ def test_every_shipped_train_config_is_valid():
 
 @pytest.mark.ray
 def test_two_trial_sweep_survives_a_killed_trial_and_a_diverging_one_and_reuses_its_teacher(
-    ray_cluster, tmp_path, monkeypatch, tracking_uri, inject_fault
+    ray_cluster, tmp_path, monkeypatch, tracking_uri, inject_fault, s3_bucket
 ):
     """Trial lr=0.003 has its process SIGKILLed mid-epoch 1: Tune retries it and it resumes from its epoch-0
-    checkpoint. Trial lr=1e30 diverges to a NaN loss: its run ends FAILED with the reason, the sweep goes on."""
+    checkpoint. Trial lr=1e30 diverges to a NaN loss: its run ends FAILED with the reason, the sweep goes on.
+    The trials keep their checkpoints in a bucket (`tracking.storage`, a local S3 server); the teacher on disk."""
     from mlflow.tracking import MlflowClient
 
     from encmm.orchestrator import sweep_command as sc
@@ -114,6 +116,7 @@ def test_two_trial_sweep_survives_a_killed_trial_and_a_diverging_one_and_reuses_
                 "schedule": {"epochs": 2, "warmup_epochs": 0},
                 "student": {**TINY_BASE["student"], "remedy": "lift"},
                 "kd": {"beta": 1.0, "alpha": 0.5},
+                "tracking": {"storage": s3_bucket},
             },
             "search": {"grid": {"optim.lr": [0.003, 1.0e30]}},
         },
@@ -151,6 +154,10 @@ def test_two_trial_sweep_survives_a_killed_trial_and_a_diverging_one_and_reuses_
     ):
         assert key in good.data.metrics, key
     assert [a.path for a in client.list_artifacts(good.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    trial_id = good.data.tags["encmm.trial_id"]
+    stored = objects(f"{s3_bucket}/sweeps/{plan.sweep_dir.name}/trials/{trial_id}")
+    assert {"checkpoint.pt", "checkpoint.pt.prev", "best.pt"} <= set(stored), stored  # the resume read these
+    assert not (plan.sweep_dir / "trials" / trial_id / "checkpoint.pt").exists()
     assert diverged.info.status == "FAILED"
     assert "non-finite loss in epoch 0" in diverged.data.tags["encmm.error"]
     assert best is not None and best["run_id"] == good.info.run_id

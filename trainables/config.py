@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from encmm.trainables.storage import bucket_scheme_error, is_bucket
+
 
 class ConfigError(ValueError):
     """A bad config: the message is one line naming the file and the field."""
@@ -202,19 +204,37 @@ class ResourcesConfig(_Strict):
 class TrackingConfig(_Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<cwd>/mlflow.db")
     experiment: str = "encmm"
-    output_dir: str = Field("encmm-runs", description="checkpoints and resolved configs (Ray storage path)")
+    output_dir: str = Field(
+        "encmm-runs", description="resolved configs, sweep plans and summaries; checkpoints too unless `storage`"
+    )
+    storage: str | None = Field(
+        None,
+        description="where checkpoints live (Ray's storage_path): a folder every node sees, or a bucket "
+        "(s3://BUCKET/PREFIX, gs://...); default: output_dir",
+    )
 
     @field_validator("output_dir")
     @classmethod
     def _filesystem_folder(cls, value: str) -> str:
-        # Checkpoints are written, renamed into place and fallen back on as files: a bucket URI would be
-        # taken for a relative folder named "s3:" (issue 16: bucket storage is not built yet).
+        # Sweep plans, summaries and the metric spool are plain files: a bucket URI would be taken for a
+        # relative folder named "s3:". Checkpoints can go to a bucket: that is `storage`.
         if "://" in value:
             raise ValueError(
-                f"{value}: bucket storage is not supported yet; give a folder every node sees "
-                "(local disk on one machine, NFS, or the bucket mounted with s3fs / gcsfuse)"
+                f"{value}: output_dir must be a folder (plans and summaries are files); "
+                f"to keep checkpoints in a bucket set tracking.storage: {value}"
             )
         return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_location(cls, value: str | None) -> str | None:
+        if value is not None and is_bucket(value) and (reason := bucket_scheme_error(value)):
+            raise ValueError(reason)
+        return value
+
+    def checkpoint_root(self) -> str:
+        """Where runs' checkpoints go: ``storage``, else ``output_dir``."""
+        return self.storage or self.output_dir
 
 
 class TrainConfig(_Strict):
@@ -348,7 +368,13 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-PATH_FIELDS = ("data.root", "teacher.checkpoint", "teacher.pretrained_file", "tracking.output_dir")
+PATH_FIELDS = (
+    "data.root",
+    "teacher.checkpoint",
+    "teacher.pretrained_file",
+    "tracking.output_dir",
+    "tracking.storage",
+)
 
 
 def absolutize_paths(tree: dict, base: Path | None = None) -> dict:

@@ -9,6 +9,7 @@ boxes); ``trainables.ray_worker`` is the Ray Train one. Distributed runs are pla
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -20,10 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from encmm.trainables import storage
 from encmm.trainables.config import TrainConfig
 from encmm.trainables.data import DataBundle, build_datasets, build_loaders
 from encmm.trainables.losses import DistillationLoss
 from encmm.trainables.models import build_student, count_parameters, timm_no_weight_decay
+from encmm.trainables.storage import Location
 from encmm.trainables.teacher import FrozenTeacher, build_teacher, fuse_talking_heads
 
 log = logging.getLogger(__name__)
@@ -411,12 +414,15 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
 
 
-def save_checkpoint(ckpt: dict, path: Path, *, keep_previous: bool = False) -> None:
+def save_checkpoint(ckpt: dict, path: Location, *, keep_previous: bool = False) -> None:
     """Write atomically: a crash or a full disk mid-write leaves the previous file intact.
 
     ``keep_previous`` keeps the file being replaced as ``<name>.prev`` (the fallback of
-    :func:`load_resume_checkpoint` when the newest one turns out unreadable).
+    :func:`load_resume_checkpoint` when the newest one turns out unreadable). ``path`` may be a bucket URI
+    (``trainables.storage``): the checkpoint is then one upload, the previous object copied first.
     """
+    if storage.is_bucket(path):
+        return _upload_checkpoint(ckpt, path, keep_previous=keep_previous)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -449,11 +455,24 @@ def _os_error_in_chain(exc: BaseException | None) -> OSError | None:
     return exc
 
 
-def previous_checkpoint(path: Path) -> Path:
-    return path.with_name(path.name + ".prev")
+def _upload_checkpoint(ckpt: dict, uri: str, *, keep_previous: bool) -> None:
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    try:
+        if keep_previous and storage.exists(uri):
+            storage.copy(uri, previous_checkpoint(uri))
+        storage.upload(buffer.getvalue(), uri)
+    except OSError as exc:
+        kept = "the previous checkpoint is intact" if storage.exists(uri) else "no earlier checkpoint existed"
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise CheckpointWriteError(exc.errno or 0, f"cannot write checkpoint {uri}: {first}; {kept}") from None
 
 
-def load_resume_checkpoint(candidates: list[Path]) -> tuple[dict, Path] | None:
+def previous_checkpoint(path: Location) -> Location:
+    return storage.sibling(path, ".prev")
+
+
+def load_resume_checkpoint(candidates: list[Location]) -> tuple[dict, Location] | None:
     """The first readable checkpoint of ``candidates`` (newest first), each followed by the file it
     replaced (``<name>.prev``, see :func:`save_checkpoint`), or None when none is readable.
 
@@ -461,10 +480,11 @@ def load_resume_checkpoint(candidates: list[Path]) -> tuple[dict, Path] | None:
     checkpoint instead of failing (or, with no good one left, starts over).
     """
     for path in (p for candidate in candidates for p in (candidate, previous_checkpoint(candidate))):
-        if not path.is_file():
-            continue
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if not storage.exists(path):
+                continue
+            source = io.BytesIO(storage.read_bytes(path)) if storage.is_bucket(path) else path
+            ckpt = torch.load(source, map_location="cpu", weights_only=True)
             if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer"} <= ckpt.keys():
                 raise ValueError("not an encmm training checkpoint")
             return ckpt, path

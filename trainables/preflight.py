@@ -5,11 +5,13 @@ Models are built on the ``meta`` device, so checking an ImageNet-sized geometry 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import timm
 import torch
 
+from encmm.trainables import storage
 from encmm.trainables.config import ConfigError, TrainConfig
 from encmm.trainables.models import build_student
 from encmm.trainables.teacher import (
@@ -55,6 +57,18 @@ def _holds_an_image(folder: Path) -> bool:
 
     extensions = get_img_extensions(as_set=True)
     return any(p.suffix.lower() in extensions and p.is_file() for p in folder.rglob("*"))
+
+
+def check_storage(cfg: TrainConfig, source: str) -> None:
+    """A bucket for checkpoints must exist and be listable from here (credentials, endpoint) before a run."""
+    uri = cfg.tracking.storage
+    if uri is not None and storage.is_bucket(uri) and (reason := _bucket_problem(uri)):
+        _fail(source, "tracking.storage", reason)
+
+
+@functools.lru_cache(maxsize=8)  # a sweep checks every trial's config: one round trip per bucket
+def _bucket_problem(uri: str) -> str | None:
+    return storage.check_reachable(uri)
 
 
 def check_timm_name(name: str, source: str, field: str) -> None:
@@ -117,6 +131,7 @@ def check_train_config(
     ``teacher_config`` stands in for a teacher that is not trained yet (a sweep trains it first).
     """
     check_data(cfg, source)
+    check_storage(cfg, source)
     check_timm_name(cfg.student.model, source, "student.model")
     depth = cfg.student.depth
     if not -depth <= cfg.kd.student_block < depth:

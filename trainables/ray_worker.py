@@ -32,6 +32,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from encmm.trainables import storage
 from encmm.trainables.config import TrainConfig
 from encmm.trainables.engine import (
     NonFiniteLossError,
@@ -45,6 +46,7 @@ from encmm.trainables.engine import (
     setup_training,
 )
 from encmm.trainables.execution import Execution
+from encmm.trainables.storage import Location
 
 console = logging.getLogger(__name__)  # the worker's own lines (Ray's log files; the console with --verbose)
 
@@ -57,14 +59,16 @@ NONFINITE_KEY = "encmm/nonfinite"  # in the loop's return value: the run stopped
 EpochEnd = Callable[[int, dict, bool, TrainingState], None]
 
 
-def committed_checkpoints(run_dir: Path, latest: Path) -> list[Path]:
+def committed_checkpoints(run_dir: Location, latest: Path, latest_folder: str | None = None) -> list[Location]:
     """``latest`` (from ``get_checkpoint()``), then the run's older committed checkpoints, newest first
-    (those Ray Train keeps in ``run_dir``, found when the storage is a local or shared filesystem)."""
-    older = sorted((p / CHECKPOINT_FILE for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True)
-    return [latest] + [p for p in older if p.parent.resolve() != latest.parent.resolve()]
+    (those Ray Train keeps in ``run_dir``: a folder, or a bucket prefix). ``latest_folder``: the name of
+    ``latest``'s folder in ``run_dir`` when ``latest`` is a downloaded copy (default: its parent's name)."""
+    latest_folder = latest_folder or latest.parent.name
+    folders = sorted(storage.subfolders(run_dir, "checkpoint_"), key=str, reverse=True)
+    return [latest] + [storage.child(f, CHECKPOINT_FILE) for f in folders if Path(str(f)).name != latest_folder]
 
 
-def start_in_process(cfg: TrainConfig, run_dir: Path, teacher_checkpoint: str | None, report_fn: Callable | None):
+def start_in_process(cfg: TrainConfig, run_dir: Location, teacher_checkpoint: str | None, report_fn: Callable | None):
     """Train local mode: one process, no DDP, the engine's own device choice (Ray sets CUDA_VISIBLE_DEVICES).
     Train keeps reported checkpoints in memory only here, so each epoch's is committed to
     ``<run_dir>/checkpoint.pt`` by the loop (a retried Tune trial resumes from it). Inside a Tune trial
@@ -72,20 +76,20 @@ def start_in_process(cfg: TrainConfig, run_dir: Path, teacher_checkpoint: str | 
     state = setup_training(
         cfg, device=resolve_device(cfg.resources.gpus_per_worker), teacher_checkpoint=teacher_checkpoint
     )
-    found = load_resume_checkpoint([run_dir / CHECKPOINT_FILE])
+    found = load_resume_checkpoint([storage.child(run_dir, CHECKPOINT_FILE)])
 
     def on_epoch_end(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
         ckpt = checkpoint_state(state, epoch, metrics)
         # Committed (atomic rename, the previous one kept as a fallback) before the next epoch.
-        save_checkpoint(ckpt, run_dir / CHECKPOINT_FILE, keep_previous=True)
+        save_checkpoint(ckpt, storage.child(run_dir, CHECKPOINT_FILE), keep_previous=True)
         if is_best:
-            save_checkpoint(ckpt, run_dir / BEST_FILE)
+            save_checkpoint(ckpt, storage.child(run_dir, BEST_FILE))
         (report_fn or ray.train.report)(metrics)  # ray.train.report: the Result's metrics (encmm train)
 
     return state, 0, found, on_epoch_end
 
 
-def start_on_worker_actor(cfg: TrainConfig, run_dir: Path, teacher_checkpoint: str | None):
+def start_on_worker_actor(cfg: TrainConfig, run_dir: Location, teacher_checkpoint: str | None):
     """One DDP rank on a Train worker actor: resume from Train's last committed checkpoint (older ones kept
     in ``run_dir`` are the fallback) and report each epoch's checkpoint for the controller to commit."""
     device = ray.train.torch.get_device()
@@ -98,8 +102,9 @@ def start_on_worker_actor(cfg: TrainConfig, run_dir: Path, teacher_checkpoint: s
     )
     found = None
     if (latest := ray.train.get_checkpoint()) is not None:
-        with latest.as_directory() as folder:  # a download when the storage is remote
-            found = load_resume_checkpoint(committed_checkpoints(run_dir, Path(folder) / CHECKPOINT_FILE))
+        with latest.as_directory() as folder:  # a download when the storage is a bucket
+            candidates = committed_checkpoints(run_dir, Path(folder) / CHECKPOINT_FILE, Path(latest.path).name)
+            found = load_resume_checkpoint(candidates)
 
     def on_epoch_end(epoch: int, metrics: dict, is_best: bool, state: TrainingState) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +113,7 @@ def start_on_worker_actor(cfg: TrainConfig, run_dir: Path, teacher_checkpoint: s
                 ckpt = checkpoint_state(state, epoch, metrics)
                 save_checkpoint(ckpt, Path(tmp) / CHECKPOINT_FILE)
                 if is_best:
-                    save_checkpoint(ckpt, run_dir / BEST_FILE)
+                    save_checkpoint(ckpt, storage.child(run_dir, BEST_FILE))
                 reported = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=reported)
         # Block until the controller has committed this checkpoint: a worker killed from here on
@@ -121,7 +126,7 @@ def start_on_worker_actor(cfg: TrainConfig, run_dir: Path, teacher_checkpoint: s
 def train_loop_per_worker(config: dict[str, Any]) -> dict:
     """Runs on every DDP rank. ``config``: train (json dump), log (rank-0 callable), run_dir, in_process, ..."""
     cfg = TrainConfig.model_validate(config["train"])
-    run_dir = Path(config["run_dir"])
+    run_dir = storage.as_location(config["run_dir"])
     teacher_checkpoint = config.get("teacher_checkpoint")
     if config.get("in_process", False):
         state, rank, found, on_epoch_end = start_in_process(cfg, run_dir, teacher_checkpoint, config.get("report_fn"))
@@ -143,8 +148,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
         # Every rank detects it at the same step. Retrying would diverge again from the same checkpoint:
         # end the loop normally and let the driver fail the run with this reason.
         return {NONFINITE_KEY: str(exc)}
-    if tracked and (run_dir / BEST_FILE).is_file():
-        log.log_trained_model(run_dir / BEST_FILE, example_images(state.val_loader.dataset))
+    if tracked and storage.exists(best := storage.child(run_dir, BEST_FILE)):
+        with tempfile.TemporaryDirectory() as tmp:
+            log.log_trained_model(storage.local_copy(best, Path(tmp)), example_images(state.val_loader.dataset))
     return final
 
 
@@ -166,7 +172,8 @@ def build_trainer(
     report_fn: Callable[[dict], None] | None = None,
     execution: Execution | None = None,
 ) -> ray.train.torch.TorchTrainer:
-    """A ``TorchTrainer`` for ``cfg`` whose checkpoints live in ``storage_path/run_name``.
+    """A ``TorchTrainer`` for ``cfg`` whose checkpoints live in ``storage_path/run_name`` (a folder or a
+    bucket URI, see ``trainables.storage``).
 
     ``execution`` (default: what ``cfg.resources`` asks for in a sweep) says whether it trains on worker
     actors, where ``callbacks`` (Train ``UserCallback``s) run, or in local mode, where the loop calls
@@ -182,7 +189,7 @@ def build_trainer(
         "train": cfg.model_dump(mode="json"),
         "log": log,
         "teacher_checkpoint": teacher_checkpoint,
-        "run_dir": str(Path(storage_path) / run_name),
+        "run_dir": str(storage.child(storage.as_location(storage_path), run_name)),
         "in_process": execution.in_process,
         "report_fn": report_fn if execution.in_process else None,
     }
