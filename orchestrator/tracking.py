@@ -275,6 +275,9 @@ def _spool_lines(metrics: list) -> str:
     )
 
 
+RESUMED_TAG = "encmm.resumed"  # "epoch E from <checkpoint>": set each time a restarted worker resumes
+
+
 @dataclass(frozen=True)
 class RunLogger:
     """Picklable handle that rank 0 of a Ray Train job uses to log into the driver's run.
@@ -309,6 +312,15 @@ class RunLogger:
                 f"encmm: warning: MLflow store {self.uri} did not take the metrics of step {step} "
                 f"({exc.__class__.__name__}); kept in {spool}, sent when it is back",
             )
+
+    def note_resume(self, epoch: int, source: object) -> None:
+        """Tag the run with where a restarted worker resumed (:data:`RESUMED_TAG`: the driver's progress
+        lines show it); best effort, like every progress line."""
+        try:
+            with _fail_fast():
+                set_tags(self.uri, self.run_id, {RESUMED_TAG: f"epoch {epoch} from {source}"})
+        except Exception:  # noqa: BLE001 - the store is unreachable: the worker's own log line remains
+            pass
 
     def log_metrics_if_missing(self, metrics: dict, step: int) -> None:
         """:meth:`log_metrics`, unless the store already holds ``step`` of these metrics: a resumed worker
@@ -481,6 +493,10 @@ def list_child_runs(uri: str, parent_run_id: str) -> list:
 
 def experiment_name(uri: str, experiment_id: str) -> str:
     return _client(uri).get_experiment(experiment_id).name
+
+
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    return dict(_client(uri).get_run(run_id).data.tags)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -83,20 +83,25 @@ def write_resolved_config(cfg: TrainConfig, folder: Path) -> Path:
 
 @contextlib.contextmanager
 def epoch_progress(uri: str, run_id: str, label: str, epochs: int, poll_s: float = PROGRESS_POLL_S):
-    """While the body runs, one ``label: epoch k/N, val/acc1 ...`` line per epoch the run has logged.
+    """While the body runs, one ``label: epoch k/N, val/acc1 ...`` line per epoch the run has logged, and
+    one ``label: workers restarted; resumed at epoch E from ...`` line each time Train restarted its workers.
 
     The epochs run on a Train worker (its own process, possibly another node), which logs each epoch's
     metrics to the run: this thread reads them back from MLflow, the one channel both sides share."""
     stop = threading.Event()
 
     def watch() -> None:
-        shown = -1
+        shown, resumed = -1, None
         while True:
             stopped = stop.wait(poll_s)
             try:
                 history = tracking.metric_history(uri, run_id, "val/acc1")
+                note = tracking.run_tags(uri, run_id).get(tracking.RESUMED_TAG)
             except Exception:  # noqa: BLE001 - progress lines are best effort; the run's own errors surface
-                history = []
+                history, note = [], resumed
+            if note != resumed:  # the workers were restarted (a lost worker or node) and resumed
+                log.warning(f"{label}: workers restarted; resumed at {note}")
+                resumed = note
             for step, value in history:
                 if step > shown:
                     log.info(f"{label}: epoch {step + 1}/{epochs}, val/acc1 {value:.2f}")

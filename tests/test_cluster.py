@@ -241,7 +241,8 @@ def test_ddp_run_spanning_both_nodes_resumes_when_the_lost_node_comes_back(two_n
             out, err = proc.communicate(timeout=480)
             assert proc.returncode == 0, err[-3000:]
             resumed = ray_log_lines(two_nodes.temp_dir, "encmm: resuming ddp-two-nodes at epoch")
-            assert resumed, "the worker group did not resume from a checkpoint"  # workers log it, not the console
+            assert resumed, "the worker group did not resume from a checkpoint"  # in the workers' logs
+            assert "[ddp-two-nodes]: workers restarted; resumed at epoch " in err, err[-3000:]  # and the console
         finally:
             if proc.poll() is None:
                 proc.kill()

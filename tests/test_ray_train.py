@@ -1,6 +1,9 @@
-"""One real Ray Train run (2 CPU workers, DDP over gloo) tracked in a real MLflow store."""
+"""Real Ray Train runs (2 CPU workers, DDP over gloo) tracked in a real MLflow store: one killed mid-epoch with
+its checkpoints in a bucket (moto's S3 server on loopback), one uninterrupted on the local filesystem."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -11,11 +14,12 @@ pytestmark = pytest.mark.ray
 
 
 def test_worker_killed_mid_epoch_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(
-    ray_cluster, tmp_path, tracking_uri, monkeypatch, inject_fault
+    ray_cluster, tmp_path, tracking_uri, monkeypatch, inject_fault, s3_bucket, caplog
 ):
     from mlflow.tracking import MlflowClient
 
     from encmm.orchestrator.training import run_train
+    from tests.test_storage import objects
 
     monkeypatch.chdir(tmp_path)
     overrides = [
@@ -30,7 +34,8 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint_and_matches_an_unin
     marker = tmp_path / "killed.pid"
     # Rank 0 is SIGKILLed when it reaches batch 3 of epoch 1 (epoch 0's checkpoint is committed by then).
     inject_fault("ray-killed", match={"name": "ray-killed"}, epoch=1, batch=3, marker=marker)
-    killed = run_train(with_absolute_paths(load_train_config(None, [*overrides, "name=ray-killed"])), tracking_uri)
+    in_bucket = [*overrides, "name=ray-killed", f"tracking.storage={s3_bucket}/ckpt"]
+    killed = run_train(with_absolute_paths(load_train_config(None, in_bucket)), tracking_uri)
     straight = run_train(with_absolute_paths(load_train_config(None, [*overrides, "name=ray-straight"])), tracking_uri)
 
     assert marker.exists(), "the fault was never injected"
@@ -48,3 +53,12 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint_and_matches_an_unin
         assert run.data.metrics[f"final/{key}"] == pytest.approx(killed[key], rel=1e-6)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/best.pt"]
+    # The console said so: one progress line, from the tag the resumed rank 0 set.
+    assert run.data.tags["encmm.resumed"].startswith("epoch 1 from ")
+    assert "[ray-killed]: workers restarted; resumed at epoch 1 from " in caplog.text
+    # Its checkpoints were only ever in the bucket: the resume read them from there.
+    run_name = Path(killed["run_dir"]).name
+    assert run.data.tags["encmm.checkpoint_dir"] == f"{s3_bucket}/ckpt/{run_name}"
+    stored = objects(f"{s3_bucket}/ckpt/{run_name}")
+    assert "best.pt" in stored and any(name.endswith("/checkpoint.pt") for name in stored), stored
+    assert not list(Path(killed["run_dir"]).glob("checkpoint_*")) and (Path(killed["run_dir"]) / "best.pt").is_file()

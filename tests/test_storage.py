@@ -1,7 +1,7 @@
 """Checkpoints in a bucket (`tracking.storage: s3://...`) on a real S3-compatible server (moto's, loopback).
 
-The in-process tests drive the same functions a Train worker calls; the Ray test runs `encmm train`'s
-``run_train`` with 2 DDP workers, one of them SIGKILLed mid-epoch, its checkpoints only in the bucket.
+These tests drive the functions a Train worker calls. With Ray: tests/test_ray_train.py (a 2-worker DDP run,
+rank 0 SIGKILLed mid-epoch, resumes from the bucket) and the killed trial of tests/test_sweep.py (local mode).
 """
 
 from __future__ import annotations
@@ -116,40 +116,3 @@ def test_a_local_storage_folder_is_made_absolute_like_output_dir(tmp_path):
     cfg = with_absolute_paths(TrainConfig.model_validate({"tracking": {"storage": "ckpts"}}), tmp_path)
     assert cfg.tracking.storage == str(tmp_path.resolve() / "ckpts")
     assert cfg.tracking.checkpoint_root() == cfg.tracking.storage
-
-
-@pytest.mark.ray
-def test_ddp_run_on_a_bucket_resumes_after_a_killed_worker_from_the_bucket_only(
-    ray_cluster, s3_bucket, tmp_path, tracking_uri, monkeypatch, inject_fault
-):
-    from mlflow.tracking import MlflowClient
-
-    from encmm.orchestrator.training import run_train
-
-    monkeypatch.chdir(tmp_path)
-    marker = tmp_path / "killed.pid"
-    inject_fault("s3-killed", match={"name": "s3-killed"}, epoch=1, batch=3, marker=marker)
-    overrides = [
-        *TINY_DIGITS,
-        "name=s3-killed",
-        "schedule.epochs=2",
-        "schedule.warmup_epochs=0",
-        "resources.workers=2",
-        "resources.cpus_per_worker=0.5",
-        f"tracking.storage={s3_bucket}/ckpt",
-    ]
-    result = run_train(with_absolute_paths(load_train_config(None, overrides)), tracking_uri)
-
-    assert marker.exists(), "the fault was never injected"
-    client = MlflowClient(tracking_uri)
-    run = client.get_run(result["run_id"])
-    assert run.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")) == [0, 1]
-    run_name = Path(result["run_dir"]).name
-    assert run.data.tags["encmm.checkpoint_dir"] == f"{s3_bucket}/ckpt/{run_name}"
-    stored = objects(f"{s3_bucket}/ckpt/{run_name}")
-    assert "best.pt" in stored and sum(name.endswith("/checkpoint.pt") for name in stored) >= 1, stored
-    local = Path(result["run_dir"])
-    assert not list(local.glob("checkpoint_*")), "checkpoints belong in the bucket, not the local run folder"
-    assert (local / "best.pt").is_file()  # the copy logged as the MLflow artifact
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]

@@ -139,8 +139,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
             console.warning(f"encmm: resuming {cfg.name} at epoch {start_epoch} from {found[1]}")
     log: Callable | None = config.get("log") if rank == 0 else None
     tracked = rank == 0 and hasattr(log, "track_training")  # encmm's RunLogger, not a plain callable
-    if tracked and found and "metrics" in found[0]:  # committed, maybe not logged when the worker was lost
-        log.log_metrics_if_missing(found[0]["metrics"], found[0]["epoch"])
+    if tracked and found:
+        log.note_resume(start_epoch, found[1])  # the driver's console says so (encmm train's progress lines)
+        if "metrics" in found[0]:  # committed, maybe not logged when the worker was lost
+            log.log_metrics_if_missing(found[0]["metrics"], found[0]["epoch"])
     try:
         with log.track_training(cfg.data.model_dump(mode="json")) if tracked else contextlib.nullcontext():
             final = run_epochs(state, start_epoch, log=log, on_epoch_end=on_epoch_end)
