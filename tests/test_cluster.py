@@ -1,11 +1,22 @@
-"""A real two-node Ray cluster on this machine (`ray start` twice, loopback only, token auth as Ray 2.60's head
-turns it on), tracked in a real `mlflow server` as the README tells cluster users to: trials spread over the
-nodes, and a node SIGKILLed mid-trial costs that trial at most its epoch in flight."""
+"""A real two-node Ray cluster on this machine, started by the README's own cluster commands, tracked in a
+real `mlflow server` started by the README's own server command: trials spread over the nodes, and a node
+SIGKILLed mid-trial costs that trial at most its epoch in flight.
+
+The README's lines (section "Pointing encmm at a cluster") are read from README.md and run as written, with
+only these changes for one small machine: ``<head-ip>`` is 127.0.0.1, the ports 6379 and 5000 are free ones,
+``/shared`` is the test's folder; ``ray start`` also gets ``--num-cpus=1 --node-ip-address=127.0.0.1
+--disable-usage-stats`` (two 1-CPU nodes on loopback) and a ``RAY_TMPDIR`` of its own, ``mlflow server``
+``--workers 1``; ``encmm`` runs the test's tiny configs with the README's ``--address`` and environment (the
+README's ``--set`` values ask for GPUs). Environment variables are only those the README's lines set: a README
+that forgot token authentication fails here (the second node cannot join).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,12 +26,48 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_faults import free_port, start_mlflow_server, stop_server
+from test_faults import free_port, stop_server, wait_for_health
 from test_sweep import TINY_BASE, write_yaml
 
 pytestmark = [pytest.mark.ray, pytest.mark.server]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 ENCMM = [sys.executable, "-m", "encmm.orchestrator.cli"]
+README = Path(__file__).resolve().parents[1] / "README.md"
+RAY_PORT, MLFLOW_PORT = free_port(), free_port()
+
+
+def readme_lines(heading: str) -> list[str]:
+    """The commands of the first ``bash`` block after ``heading`` in the README, with the substitutions
+    above (continuation lines joined, comment lines dropped)."""
+    text = README.read_text()
+    start = text.index("```bash", text.index(heading)) + len("```bash")
+    block = text[start : text.index("```", start)].replace("\\\n", " ")
+    lines = [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+    swap = {"<head-ip>": "127.0.0.1", ":6379": f":{RAY_PORT}", "=6379": f"={RAY_PORT}", "/shared": "{shared}"}
+    swap["--port 5000"] = f"--port {MLFLOW_PORT}"
+    return [re.sub("|".join(map(re.escape, swap)), lambda m: swap[m.group(0)], line) for line in lines]
+
+
+def readme_command(heading: str, *starts: str) -> tuple[dict, list[str]]:
+    """(environment it sets, words) of the README line under ``heading`` whose command starts with ``starts``;
+    ``export`` lines before it count as its environment."""
+    env: dict[str, str] = {}
+    for line in readme_lines(heading):
+        words = shlex.split(line, comments=True)
+        if words[0] == "export":
+            env.update(word.split("=", 1) for word in words[1:])
+            continue
+        prefix = {}
+        while "=" in words[0] and not words[0].startswith("-"):
+            key, value = words.pop(0).split("=", 1)
+            prefix[key] = value
+        if tuple(words[: len(starts)]) == starts:
+            return {**env, **prefix}, words
+    raise AssertionError(f"README.md has no `{' '.join(starts)}` line under {heading!r}")
+
+
+CLUSTER = "**Ray cluster.**"
+SERVER = "**MLflow server.**"
 
 
 def cluster_processes(temp_dir: Path) -> set[int]:
@@ -44,31 +91,37 @@ def kill(pids) -> None:
 
 
 class TwoNodes:
-    """A head and a second node of 1 CPU each, in a temp folder of their own (so no other test's
-    ``ray.init()`` finds them), stopped by PID (``ray stop`` would stop every Ray on the machine)."""
+    """A head and a second node of 1 CPU each, started by the README's ``ray start`` lines, in a temp folder
+    of their own (so no other test's ``ray.init()`` finds them), stopped by PID (``ray stop`` would stop every
+    Ray on the machine)."""
 
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
     def __init__(self):
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths are limited
-        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        self.env.update(RAY_TMPDIR=str(self.temp_dir), RAY_AUTH_MODE="token")
-        self.address = f"127.0.0.1:{free_port()}"
+        self.base_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+        self.base_env["RAY_TMPDIR"] = str(self.temp_dir)
+        self.address = f"127.0.0.1:{RAY_PORT}"
+        driver_env, words = readme_command(CLUSTER, "encmm", "train")
+        assert words[words.index("--address") + 1] == self.address, words
+        self.env = {**self.base_env, **driver_env}  # what the README's `encmm` lines run with
         self.head: set[int] = set()
         self.second: set[int] = set()
 
-    def ray_start(self, *args: str) -> set[int]:
-        """``ray start ARGS``; returns the PIDs of the processes it left running."""
+    def ray_start(self, env: dict, words: list[str]) -> set[int]:
+        """The README's ``ray start ...`` (``words``); returns the PIDs of the processes it left running."""
+        assert words[:2] == ["ray", "start"], words
         before = cluster_processes(self.temp_dir)
-        subprocess.run([*RAY, "start", *args, *self.common], env=self.env, check=True, capture_output=True, timeout=120)
+        command = [*RAY, *words[1:], *self.common]
+        done = subprocess.run(command, env={**self.base_env, **env}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{shlex.join(words)} failed:\n{done.stderr[-2000:]}"
         return cluster_processes(self.temp_dir) - before
 
     def start_head(self) -> None:
-        port = self.address.rsplit(":", 1)[1]
-        self.head = self.ray_start("--head", f"--port={port}", "--include-dashboard=false")
+        self.head = self.ray_start(*readme_command(CLUSTER, "ray", "start", "--head"))
 
     def start_second(self) -> None:
-        self.second = self.ray_start(f"--address={self.address}")
+        self.second = self.ray_start(*readme_command(CLUSTER, "ray", "start", f"--address={self.address}"))
 
     def ensure_second(self) -> None:
         """Start the second node again if an earlier test lost it."""
@@ -113,9 +166,7 @@ def two_nodes():
 def test_trials_spread_over_two_nodes_and_a_lost_node_costs_at_most_the_epoch_in_flight(two_nodes, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    port = free_port()
-    server = start_mlflow_server(tmp_path / "store", port)
-    uri = f"http://127.0.0.1:{port}"
+    server, uri = start_mlflow_server(tmp_path / "shared")
     epochs = 8
     sweep_file = write_yaml(
         tmp_path / "sweep.yaml",
@@ -159,6 +210,22 @@ def test_trials_spread_over_two_nodes_and_a_lost_node_costs_at_most_the_epoch_in
             assert sorted(steps) == list(range(epochs)), (child.info.run_id, steps)
     finally:
         stop_server(server)
+
+
+def start_mlflow_server(shared: Path) -> tuple[subprocess.Popen, str]:
+    """The README's ``mlflow server ...`` line with ``/shared`` = ``shared``; returns (process, tracking URI)."""
+    env, words = readme_command(SERVER, "mlflow", "server")
+    shared.mkdir(parents=True, exist_ok=True)
+    words = [word.replace("{shared}", str(shared)) for word in words]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", *words[1:], "--workers", "1"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for_health(process, MLFLOW_PORT)
+    return process, f"http://127.0.0.1:{MLFLOW_PORT}"
 
 
 def start_on_cluster(nodes: TwoNodes, folder: Path, uri: str, *args: str) -> subprocess.Popen:
@@ -217,9 +284,7 @@ def test_ddp_run_spanning_both_nodes_resumes_when_the_lost_node_comes_back(two_n
     from mlflow.tracking import MlflowClient
 
     two_nodes.ensure_second()
-    port = free_port()
-    server = start_mlflow_server(tmp_path / "store", port)
-    uri = f"http://127.0.0.1:{port}"
+    server, uri = start_mlflow_server(tmp_path / "shared")
     epochs = 60  # ~40 s of training: the node is lost mid-run
     config = write_yaml(
         tmp_path / "ddp.yaml",
@@ -264,9 +329,7 @@ def test_diagnose_sharded_over_both_nodes_gives_the_numbers_of_one_node(two_node
     overrides = ("img_size=32", "patch_size=8", "depth=2")
     model = ["--model", "vit_tiny_patch16_224", *(f"--model-arg={a}" for a in overrides)]
     args = ["diagnose", *model, "--images-per-class", "3", "--batch-size", "4", "--pairs", "20", "--workers", "2"]
-    port = free_port()
-    server = start_mlflow_server(tmp_path / "store", port)
-    uri = f"http://127.0.0.1:{port}"
+    server, uri = start_mlflow_server(tmp_path / "shared")
     try:
         proc = start_on_cluster(two_nodes, tmp_path, uri, *args, "--out", "two-nodes")
         out, err = proc.communicate(timeout=300)

@@ -229,12 +229,18 @@ def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.time() + 90
+    wait_for_health(process, port)
+    return process
+
+
+def wait_for_health(process: subprocess.Popen, port: int, timeout: float = 90) -> None:
+    """Until the MLflow server ``process`` answers ``/health`` on ``port``; stopped and raised otherwise."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.status == 200:
-                    return process
+                    return
         except OSError:
             time.sleep(0.5)
     stop_server(process)
