@@ -18,6 +18,8 @@ a run is reproducible; different worker counts agree to float64 round-off (see `
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 from collections import deque
@@ -28,7 +30,7 @@ import ray
 import torch
 
 from encmm.analysis import spectra
-from encmm.analysis.streaming import LayerStream, sweep_batches
+from encmm.analysis.streaming import LayerStream, results_only, sweep_batches
 
 BATCHES_PER_CALL = 2  # per actor call: small, so that the driver's progress bar moves often
 CALLS_IN_FLIGHT = 2  # per actor: the next call is queued while one runs
@@ -62,6 +64,24 @@ def per_image_arrays(
 
 
 # ------------------------------------------------------------------------------------ the workers
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc ``malloc_trim``). A batch's buffers (tens of MB
+    each) are freed into glibc's heap, which keeps them: measured on 24 x 196 x 1024 features, a worker grew
+    from 0.7 to 2.5 GiB over 100 images without this, and stayed at 0.75 GiB with it."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 @ray.remote
 class ShardWorker:
     """One reader replica on its own device, and the accumulators of every diagnosed layer for the pass in
@@ -91,12 +111,13 @@ class ShardWorker:
                 else:
                     accumulator.add(positions, layer, owned)
             del features  # before the next batch is read
+            release_freed_memory()
         return sum(len(positions) for positions, _ in batches)
 
     def take(self) -> list:
         """The pass's filled accumulators, one per layer (the worker keeps none)."""
         accumulators, self.accumulators = self.accumulators, []
-        return accumulators
+        return [results_only(accumulator) for accumulator in accumulators]
 
 
 def _fraction(total: float, count: int) -> float:
@@ -156,6 +177,16 @@ def _run_pass(actors: list, start: Callable[[], list], shards: list[list], progr
     return [list(layer) for layer in zip(*per_actor)]
 
 
+BATCH_BYTES = 256 * 2**20  # one batch's features, all layers: what a worker holds beyond its accumulators
+
+
+def batch_within_budget(batch_size: int, streams: Sequence[LayerStream], itemsize: int = 4) -> int:
+    """``batch_size``, lowered so that one batch of every stream's layer fits :data:`BATCH_BYTES` (at
+    least 1 image): a ViT-Large image is ~19 MB of block outputs, 64 of them 1.2 GB per worker."""
+    per_image = sum(stream.layer.tokens * stream.layer.channels for stream in streams) * itemsize
+    return max(1, min(batch_size, BATCH_BYTES // max(1, per_image)))
+
+
 def stream_diagnostics(
     streams: Sequence[LayerStream],
     reader,
@@ -169,13 +200,16 @@ def stream_diagnostics(
     `reader.read`'s layers) over `reader`'s images on sharded `ShardWorker` actors; afterwards each
     stream's `result()` and `arrays()` are ready. Returns the Ray node id of each worker used.
 
-    Read 1 (pass 1): images 0..I-1 in batches of `batch_size` consecutive positions, each worker one
+    Read 1 (pass 1): images 0..I-1 in batches of `batch_size` consecutive positions (lowered to fit
+    :data:`BATCH_BYTES`, see :func:`batch_within_budget`), each worker one
     contiguous run of batches. Read 2 (passes 2 and 3): the batches of `sweep_batches`, batch j on worker
     j mod N. `progress(images, total)` once with 0 images, then after each call; total = images read over
     both reads.
     Ray must be initialised by the caller; the actors are killed on return or error.
     """
     num_images = len(reader)
+    itemsize = getattr(reader, "dtype", torch.float32).itemsize
+    batch_size = batch_within_budget(batch_size, streams, itemsize)
     batches = [(list(range(a, min(a + batch_size, num_images))), None) for a in range(0, num_images, batch_size)]
     sweep = sweep_batches(num_images, *streams[0].pairs, batch_size)
     total = num_images + sum(len(images) for images, _ in sweep)
@@ -192,8 +226,10 @@ def stream_diagnostics(
         nodes = ray.get([actor.node_id.remote() for actor in actors])
         for stream, parts in run(LayerStream.first_pass, _contiguous_shards(batches, count)):
             stream.finish_first(*parts)
+        release_freed_memory()  # the shards' accumulators, merged: the driver keeps only the merged rows
         for stream, parts in run(LayerStream.sweep_pass, [sweep[position::count] for position in range(count)]):
             stream.finish_sweep(*parts)
+        release_freed_memory()
     finally:
         for actor in actors:
             ray.kill(actor)

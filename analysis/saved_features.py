@@ -184,8 +184,15 @@ class FeatureFolder(SavedFeatures):
         self.files = [str(Path(f).resolve()) for f in files]
 
     def read(self, positions: Sequence[int]) -> list[Tensor]:
-        images = [load_array(self.files[p]).to(self.dtype) for p in positions]
-        return [torch.stack([image[layer] for image in images]).to(self.device) for layer in self.layers]
+        out: list[Tensor] = []
+        for row, position in enumerate(positions):  # one file in memory at a time, copied into the batch
+            image = load_array(self.files[position]).to(self.dtype)
+            if not out:
+                out = [torch.empty((len(positions), *image.shape[1:]), dtype=self.dtype) for _ in self.layers]
+            for batch, layer in zip(out, self.layers):
+                batch[row] = image[layer]
+            del image
+        return [batch.to(self.device) for batch in out]
 
 
 class FeatureArray(SavedFeatures):

@@ -42,7 +42,7 @@ The statistics themselves are `spectra`'s: `LayerStream.result()` and `arrays()`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
 
 import numpy as np
@@ -60,6 +60,7 @@ __all__ = [
     "SweepPass",
     "pair_chunks",
     "pair_images",
+    "results_only",
     "rotation_pairs",
     "sweep_batches",
 ]
@@ -352,6 +353,17 @@ class SweepPass:
         if self.pairs is not None:
             self.pairs.merge(other.pairs)
         return self
+
+
+def results_only(accumulator):
+    """A filled accumulator as the driver needs it back: a pass-2 one (alone or in a `SweepPass`) without the
+    shared basis and ranks the driver gave it (24 x 8 MB per worker for ViT-Large: pickled, stored and
+    unpickled once more at the end of the pass for nothing). Other kinds are returned as they are."""
+    if isinstance(accumulator, SecondPass):
+        return replace(accumulator, eigenvectors=torch.empty(0), rotation_ranks=torch.empty(0, dtype=torch.long))
+    if isinstance(accumulator, SweepPass):
+        return replace(accumulator, second=results_only(accumulator.second))
+    return accumulator
 
 
 # ----------------------------------------------------------------------------------- the driver

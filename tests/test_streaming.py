@@ -241,3 +241,52 @@ def test_pairs_without_both_images_in_a_batch_are_refused():
         pairs.add([image], features[image : image + 1])
     with pytest.raises(ValueError, match="4 of 4 pairs"):
         stream.finish_pairs(pairs)
+
+
+def test_batches_of_wide_models_are_lowered_to_the_memory_budget_and_small_ones_are_not():
+    from encmm.analysis.ray_tasks import BATCH_BYTES, batch_within_budget
+
+    vit_large = [LayerStream(500, 196, 1024) for _ in range(24)]  # ~19 MB of block outputs per image
+    lowered = batch_within_budget(64, vit_large)
+    assert lowered * 24 * 196 * 1024 * 4 <= BATCH_BYTES < (lowered + 1) * 24 * 196 * 1024 * 4
+    assert batch_within_budget(64, vit_large, itemsize=8) == lowered // 2
+    deit_tiny = [LayerStream(100, 196, 192) for _ in range(12)]
+    assert batch_within_budget(64, deit_tiny) == 64  # the digits defaults are untouched
+    assert batch_within_budget(4, [LayerStream(2, 10**5, 10**4)]) == 1  # never less than one image
+
+
+def test_a_feature_folder_reads_the_same_batches_it_always_did(tmp_path):
+    from encmm.analysis.saved_features import open_saved_features
+
+    rng = np.random.default_rng(0)
+    images = [rng.standard_normal((3, 5, 4)).astype(np.float32) for _ in range(6)]
+    for index, image in enumerate(images):
+        np.save(tmp_path / f"{index:03d}.npy", image)
+    reader = open_saved_features(tmp_path).select([2, 0])
+    batch = reader.read([4, 1, 5])
+    assert [tuple(layer.shape) for layer in batch] == [(3, 5, 4), (3, 5, 4)]
+    for got, layer in zip(batch, [2, 0]):
+        assert torch.equal(got, torch.from_numpy(np.stack([images[i][layer] for i in (4, 1, 5)])))
+
+
+def test_accumulators_sent_back_without_the_basis_give_the_same_layer_result():
+    from encmm.analysis.streaming import results_only
+
+    features = torch.randn(6, 7, 5, dtype=torch.float64)
+
+    def run(ship) -> dict:
+        stream = LayerStream(6, 7, 5, num_pairs=4)
+        first = [stream.first_pass(), stream.first_pass()]
+        first[0].add([0, 1, 2], features[:3])
+        first[1].add([3, 4, 5], features[3:])
+        stream.finish_first(*[ship(a) for a in first])
+        sweep = [stream.sweep_pass(), stream.sweep_pass()]
+        for position, (indices, owned) in enumerate(sweep_batches(6, *stream.pairs, 3)):
+            sweep[position % 2].add(indices, features[indices], owned)
+        shipped = [ship(a) for a in sweep]
+        if ship is results_only:
+            assert all(a.second.eigenvectors.numel() == 0 for a in shipped)  # the basis stays with the driver
+        stream.finish_sweep(*shipped)
+        return stream.result()
+
+    assert run(results_only) == run(lambda accumulator: accumulator)
