@@ -27,7 +27,7 @@ from ray import tune
 from encmm.orchestrator import tracking
 from encmm.orchestrator.sweep_config import SearchSpace, grid_axes, trial_config_dict
 from encmm.orchestrator.sweep_plan import RuntimePlan
-from encmm.trainables import storage as storage_io
+from encmm.trainables import storage
 from encmm.trainables.config import TrainConfig, flatten
 from encmm.trainables.execution import Execution
 
@@ -65,7 +65,7 @@ def trial_checkpoint_root(cfg: TrainConfig, plan: RuntimePlan):
     ``tracking.storage`` (a bucket, say) when it is set."""
     if cfg.tracking.storage is None:
         return plan.sweep_dir / "trials"
-    return storage_io.child(storage_io.as_location(cfg.tracking.storage), "sweeps", plan.sweep_dir.name, "trials")
+    return storage.child(storage.as_location(cfg.tracking.storage), "sweeps", plan.sweep_dir.name, "trials")
 
 
 def run_trial(config: dict[str, Any], plan: RuntimePlan) -> None:
@@ -102,7 +102,7 @@ def run_trial(config: dict[str, Any], plan: RuntimePlan) -> None:
     # Where this attempt runs (a retry after a lost node runs elsewhere): the node a user looks up in Ray.
     tracking.set_tags(uri, run_id, {"encmm.node_id": ray.get_runtime_context().get_node_id()})
     local = plan.sweep_dir / "trials"  # the metric spool and a local best.pt
-    storage = trial_checkpoint_root(cfg, plan)
+    checkpoints = trial_checkpoint_root(cfg, plan)
     logger = tracking.RunLogger(uri, run_id, spool=str(local / trial_id / tracking.SPOOL_FILE))
     try:
         # In local mode the Train loop runs in this process and reports to Tune itself (building a
@@ -112,7 +112,7 @@ def run_trial(config: dict[str, Any], plan: RuntimePlan) -> None:
         trainer = build_trainer(
             cfg,
             run_name=trial_id,
-            storage_path=str(storage),
+            storage_path=str(checkpoints),
             log=logger,
             teacher_checkpoint=plan.teacher_checkpoint,
             callbacks=[TuneReportCallback()] if callbacks else None,
@@ -122,10 +122,10 @@ def run_trial(config: dict[str, Any], plan: RuntimePlan) -> None:
         final = final_metrics(trainer.fit())
         logger.flush()
         epoch = int(final.get("epoch", 0))
-        best = storage_io.child(storage, trial_id, BEST_FILE)
+        best = storage.child(checkpoints, trial_id, BEST_FILE)
         summary = {f"final/{k}": v for k, v in final.items() if k.startswith(("val/", "train/", "best/"))}
-        if storage_io.exists(best):
-            best = storage_io.local_copy(best, local / trial_id)
+        if storage.exists(best):
+            best = storage.local_copy(best, local / trial_id)
             logger.log_artifact(best, "checkpoints")
             from encmm.trainables.teacher import load_checkpoint_file
 

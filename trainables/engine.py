@@ -464,8 +464,8 @@ def _upload_checkpoint(ckpt: dict, uri: str, *, keep_previous: bool) -> None:
         storage.upload(buffer.getvalue(), uri)
     except OSError as exc:
         kept = "the previous checkpoint is intact" if storage.exists(uri) else "no earlier checkpoint existed"
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise CheckpointWriteError(exc.errno or 0, f"cannot write checkpoint {uri}: {first}; {kept}") from None
+        reason = storage.error_line(exc)
+        raise CheckpointWriteError(exc.errno or 0, f"cannot write checkpoint {uri}: {reason}; {kept}") from None
 
 
 def previous_checkpoint(path: Location) -> Location:

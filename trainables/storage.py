@@ -124,5 +124,10 @@ def check_reachable(uri: str) -> str | None:
             return f"{uri}: bucket {bucket!r} does not exist"
         fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     except (OSError, ValueError) as exc:
-        return f"{uri}: {str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}"
+        return f"{uri}: {error_line(exc)}"
     return None
+
+
+def error_line(exc: Exception) -> str:
+    """A storage error in one line: pyarrow's S3 errors run over several (the first one, else the class)."""
+    return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
