@@ -24,7 +24,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault(FAULTS_ENV, tempfile.mkdtemp(prefix="encmm-test-faults-"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for the servers and clusters tests start)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -34,7 +35,7 @@ def _free_port() -> int:
 # AWS: the endpoint and dummy credentials are set before the session's Ray cluster starts, so every Ray
 # worker (where checkpoints are written) inherits them, as on a cluster whose nodes share an environment.
 # (setdefault: this module is imported twice, by pytest and as ``tests.conftest``; one port for both.)
-S3_PORT = int(os.environ.setdefault("ENCMM_TEST_S3_PORT", str(_free_port())))
+S3_PORT = int(os.environ.setdefault("ENCMM_TEST_S3_PORT", str(free_port())))
 os.environ.update(
     AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
     AWS_ACCESS_KEY_ID="encmm-test",

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_faults import free_port, stop_server, wait_for_health
+from test_faults import stop_server, wait_for_health
 from test_sweep import TINY_BASE, write_yaml
+
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.server]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from encmm.trainables.engine import NonFiniteLossError, fit, load_resume_checkpoint
+from tests.conftest import free_port
 from tests.test_engine import tiny_config
 
 
@@ -201,12 +202,6 @@ def test_corrupt_image_fails_encmm_train_with_one_line_naming_the_file(ray_clust
 
 
 # ------------------------------------------------------------------ MLflow server going away mid-run
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
     process = subprocess.Popen(
         [

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from encmm.orchestrator import report_tables as rt
 from encmm.orchestrator import tracking
 from encmm.orchestrator.cli import app
 from encmm.trainables.config import ConfigError
+from tests.conftest import free_port
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOT_COPY = Path("/tmp/encmm-browser-screenshot.png")
@@ -369,12 +369,6 @@ def test_explicit_attention_restores_each_switch_even_when_the_forward_raises():
         assert not any(block.attn.fused_attn for block in model.blocks)
         raise RuntimeError("boom")
     assert [block.attn.fused_attn for block in model.blocks] == [True, False]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_ui(uri: str, sweep: str, port: int) -> tuple[subprocess.Popen, str]:

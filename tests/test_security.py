@@ -37,6 +37,7 @@ from typer.testing import CliRunner
 
 from encmm.orchestrator import tracking
 from encmm.orchestrator.cli import app
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 THIS_FILE = Path(__file__).resolve()
@@ -187,12 +188,6 @@ def process_name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def subprocess_env() -> dict:

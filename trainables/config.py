@@ -218,7 +218,7 @@ class TrackingConfig(_Strict):
     def _filesystem_folder(cls, value: str) -> str:
         # Sweep plans, summaries and the metric spool are plain files: a bucket URI would be taken for a
         # relative folder named "s3:". Checkpoints can go to a bucket: that is `storage`.
-        if "://" in value:
+        if is_bucket(value):
             raise ValueError(
                 f"{value}: output_dir must be a folder (plans and summaries are files); "
                 f"to keep checkpoints in a bucket set tracking.storage: {value}"
@@ -387,7 +387,7 @@ def absolutize_paths(tree: dict, base: Path | None = None) -> dict:
         section, key = dotted.split(".")
         node = out.get(section)
         value = node.get(key) if isinstance(node, dict) else None
-        if isinstance(value, str) and value and "://" not in value:  # a URI is no path: its field checks it
+        if isinstance(value, str) and value and not is_bucket(value):  # a URI is no path: its field checks it
             node[key] = str((base / Path(value).expanduser()).resolve())
     if not (out.get("tracking") or {}).get("output_dir"):
         out.setdefault("tracking", {})["output_dir"] = str(base / TrackingConfig().output_dir)
