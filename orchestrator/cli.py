@@ -35,12 +35,18 @@ def _root(
     debug: Annotated[
         bool, typer.Option("--debug", help="the full traceback behind an error (or ENCMM_DEBUG=1)")
     ] = False,
+    dashboard: Annotated[
+        bool,
+        typer.Option("--dashboard", help="Ray's dashboard on the local cluster encmm starts (or ENCMM_DASHBOARD=1)"),
+    ] = False,
 ) -> None:
     """encmm: encoding-mismatch experiments on timm ViTs, orchestrated by Ray, tracked in MLflow."""
     if debug:
         os.environ["ENCMM_DEBUG"] = "1"
     if verbose:
         os.environ["ENCMM_VERBOSE"] = "1"
+    if dashboard:
+        os.environ["ENCMM_DASHBOARD"] = "1"
     configure_logging(logging.DEBUG if verbose or debug else logging.WARNING if quiet else logging.INFO)
 
 

@@ -8,10 +8,13 @@ import logging
 import os
 
 
-def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
+def init_ray(address: str | None = None, runtime_env: dict | None = None, dashboard: bool | None = None) -> None:
     """Start (or join) Ray once per process.
 
-    A local cluster that encmm starts listens on 127.0.0.1 only: the dashboard (``dashboard_host``) and,
+    A local cluster that encmm starts has Ray's dashboard only with ``dashboard`` (default: ``encmm
+    --dashboard`` / ``ENCMM_DASHBOARD=1``): it costs about 2 s of start-up and a process for the length of
+    the command, while runs, metrics and figures are in MLflow. It listens on 127.0.0.1 only: the dashboard
+    (``dashboard_host``) and,
     because its node IP is 127.0.0.1, Ray's own servers too (GCS, raylet, workers, agents, metrics). A
     cluster named by ``address`` / ``RAY_ADDRESS`` (or one ``ray start`` left running on this machine,
     which ``ray.init()`` joins) is used as it is. ``runtime_env``: Ray's runtime environment for this job
@@ -26,6 +29,8 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None) -> Non
     # Ray's own console output (worker logs, Train's per-report lines, raylet dumps) only with --verbose:
     # encmm's progress lines come from this process; the workers' logs stay in Ray's session folder.
     verbose = os.environ.get("ENCMM_VERBOSE", "") not in ("", "0")
+    if dashboard is None:
+        dashboard = os.environ.get("ENCMM_DASHBOARD", "") not in ("", "0")
     kwargs = {
         "ignore_reinit_error": True,
         "log_to_driver": verbose,
@@ -38,7 +43,7 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None) -> Non
         ray.init(dashboard_host="127.0.0.1", **kwargs)
     else:
         with _loopback_node_ip():
-            ray.init(address="local", dashboard_host="127.0.0.1", **kwargs)
+            ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", **kwargs)
         atexit.register(_kill_monitor_first)  # last in, first out: runs before the ray.shutdown Ray registered
 
 

@@ -58,7 +58,7 @@ def ray_cluster():
     from encmm.orchestrator.ray_cluster import init_ray
 
     ray.cloudpickle.register_pickle_by_value(tests.fault_injection)
-    init_ray(None, runtime_env={"worker_process_setup_hook": setup_worker})
+    init_ray(None, runtime_env={"worker_process_setup_hook": setup_worker}, dashboard=True)
     yield ray
     ray.shutdown()
 

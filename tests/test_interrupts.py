@@ -68,6 +68,19 @@ def interrupt(proc: subprocess.Popen, sig: int) -> tuple[int, str, list[psutil.P
     return proc.returncode, err, alive
 
 
+def serves_ray_dashboard(proc: subprocess.Popen) -> bool:
+    """Whether one of the processes ``proc`` started is Ray's dashboard with its web UI (without one, Ray
+    still runs a head process of that name for usage stats, ``--disable-frontend``)."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            words = child.cmdline()
+            if any(w.endswith("dashboard/dashboard.py") for w in words) and "--disable-frontend" not in words:
+                return True
+        except psutil.NoSuchProcess:
+            continue
+    return False
+
+
 def assert_nothing_running(client, experiment_id: str) -> None:
     assert not client.search_runs([experiment_id], "attributes.status = 'RUNNING'"), "a run was left RUNNING"
 
@@ -79,7 +92,7 @@ def test_interrupted_sweep_ends_its_runs_killed_and_says_how_to_resume(tmp_path,
         tmp_path / "sweep.yaml",
         {
             "name": "stoppable",
-            "max_concurrent_trials": 1,
+            "max_concurrent_trials": 2,  # both train at once (0.5 CPU each), and both resume at once
             "base": {**TINY_BASE, "schedule": {"epochs": 4, "warmup_epochs": 0}},
             "search": {"grid": {"optim.lr": [0.003, 0.002]}},
         },
@@ -134,8 +147,9 @@ def test_sweep_interrupted_while_training_its_teacher_ends_the_teacher_run_kille
             "search": {"grid": {"student.remedy": ["none"]}},
         },
     )
-    proc = start_encmm(["sweep", str(sweep_file)], tmp_path, uri)
+    proc = start_encmm(["--dashboard", "sweep", str(sweep_file)], tmp_path, uri)
     client, teacher = wait_for_run(uri, "train", proc, metric="val/acc1")
+    assert serves_ray_dashboard(proc), "--dashboard started no Ray dashboard"  # and it must go with the rest
     code, err, alive = interrupt(proc, signal.SIGINT)
 
     assert code == 130, err[-3000:]
@@ -153,6 +167,7 @@ def test_diagnose_stopped_by_sighup_ends_its_run_killed(tmp_path):
     args = ["diagnose", "--model", "vit_tiny_patch16_224", "--model-arg", "img_size=64", "--images-per-class", "60"]
     proc = start_encmm([*args, "--out", str(tmp_path / "diag")], tmp_path, uri)
     client, run = wait_for_run(uri, "diagnose", proc)
+    assert not serves_ray_dashboard(proc), "a Ray dashboard without --dashboard"
     code, err, alive = interrupt(proc, signal.SIGHUP)
 
     assert code == 128 + signal.SIGHUP, err[-3000:]

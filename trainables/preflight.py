@@ -12,7 +12,7 @@ import timm
 import torch
 
 from encmm.trainables import storage
-from encmm.trainables.config import ConfigError, TrainConfig
+from encmm.trainables.config import ConfigError, StudentConfig, TeacherConfig, TrainConfig
 from encmm.trainables.models import build_student
 from encmm.trainables.teacher import (
     create_timm_teacher,
@@ -91,8 +91,7 @@ def describe_teacher(cfg: TrainConfig, source: str, checkpoint_path: str | None)
         check_timm_name(teacher.model, source, "teacher.model")
         if teacher.pretrained_file and not Path(teacher.pretrained_file).is_file():
             _fail(source, "teacher.pretrained_file", f"file {teacher.pretrained_file} does not exist")
-        with torch.device("meta"):
-            model = create_timm_teacher(teacher, load_weights=False, img_size=cfg.data.img_size)
+        model = _meta_timm_teacher(teacher.model_dump_json(), cfg.data.img_size)
         if not hasattr(model, "forward_intermediates"):
             _fail(source, "teacher.model", f"{teacher.model} has no forward_intermediates (not a ViT family timm taps)")
         blocks = len(getattr(model, "blocks", []))
@@ -113,14 +112,29 @@ def describe_teacher(cfg: TrainConfig, source: str, checkpoint_path: str | None)
 
 def describe_model(cfg: TrainConfig, num_classes: int = 10, target_width: int | None = None):
     """The student ``cfg`` builds, on the meta device (no memory, no weights)."""
+    target = cfg.student.target_width or target_width
+    return _meta_student(cfg.student.model_dump_json(), num_classes, cfg.data.img_size, target, cfg.kd.student_block)
+
+
+# A sweep checks every trial's config, and most trials share their teacher and student geometry: each
+# distinct model is built once per process (building a timm model, even on meta, takes up to a second).
+@functools.lru_cache(maxsize=64)
+def _meta_student(student_json: str, num_classes: int, img_size: int, target_width, tap_block: int):
     with torch.device("meta"):
         return build_student(
-            cfg.student,
+            StudentConfig.model_validate_json(student_json),
             num_classes=num_classes,
-            img_size=cfg.data.img_size,
-            target_width=cfg.student.target_width or target_width,
-            tap_block=cfg.kd.student_block,
+            img_size=img_size,
+            target_width=target_width,
+            tap_block=tap_block,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_timm_teacher(teacher_json: str, img_size: int):
+    with torch.device("meta"):
+        teacher = TeacherConfig.model_validate_json(teacher_json)
+        return create_timm_teacher(teacher, load_weights=False, img_size=img_size)
 
 
 def check_train_config(
