@@ -15,7 +15,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.mark.parametrize("preset", ["digits", "cait-deit"])
+@pytest.mark.parametrize("preset", ["digits"])  # cait-deit: test_swapped_teacher_attention_computes_timms_block
 def test_train_step_bench_runs_both_loops_and_reports_a_ratio(preset, tmp_path):
     out = tmp_path / "train_step.json"
     done = subprocess.run(
@@ -86,6 +86,8 @@ def test_train_step_profile_writes_where_the_step_time_goes(tmp_path):
 
 @pytest.mark.parametrize("attention", ["fused", "folded"])
 def test_swapped_teacher_attention_computes_timms_block(attention, tmp_path):
+    """The cait-deit preset (CaiT-S24 -> DeiT-Tiny at 224 px) with encmm's teacher attention swapped: both
+    loops run and are compared, and the swapped blocks compute timm's."""
     out = tmp_path / "train_step.json"
     done = subprocess.run(
         [
@@ -114,6 +116,7 @@ def test_swapped_teacher_attention_computes_timms_block(attention, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(out.read_text())["results"][0]
+    assert row["preset"] == "cait-deit" and row["encmm_img_s"] > 0 and row["bare_img_s"] > 0 and row["ratio"] > 0
     assert row["swapped_attention_blocks"] == 24  # every talking-heads block of CaiT-S24
     assert row["swapped_block_relative_error"] < 1e-5  # fp32 on the CPU: the same function
 

@@ -166,10 +166,15 @@ def test_two_trial_sweep_survives_a_killed_trial_and_a_diverging_one_and_reuses_
 
 
 @pytest.mark.ray
-def test_sweep_driver_killed_mid_sweep_resumes_without_rerunning_or_duplicating_trials(tmp_path):
+def test_sweep_driver_killed_mid_sweep_resumes_without_rerunning_or_duplicating_trials(
+    ray_cluster, tmp_path, monkeypatch
+):
     """SIGKILL to a real `encmm sweep` process and everything it started (as when its node is preempted),
-    right after its first trial finished; `--resume` finishes the sweep."""
+    right after its first trial finished; resuming it (``encmm.sweep(..., resume=NAME)``, what `encmm sweep
+    FILE --resume NAME` calls; that command line itself: test_interrupts) finishes the sweep."""
     from mlflow.tracking import MlflowClient
+
+    import encmm
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep_file = write_yaml(
@@ -182,9 +187,8 @@ def test_sweep_driver_killed_mid_sweep_resumes_without_rerunning_or_duplicating_
         },
     )
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "MLFLOW_TRACKING_URI": uri}
-    encmm = [sys.executable, "-m", "encmm.orchestrator.cli"]
     proc = subprocess.Popen(
-        [*encmm, "sweep", str(sweep_file)],
+        [sys.executable, "-m", "encmm.orchestrator.cli", "sweep", str(sweep_file)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -214,15 +218,9 @@ def test_sweep_driver_killed_mid_sweep_resumes_without_rerunning_or_duplicating_
     assert not client.search_runs([experiment_id], "attributes.status = 'RUNNING'"), "a run was left RUNNING"
     assert client.get_run(parent_id).info.status == "FAILED"
 
-    resumed = subprocess.run(
-        [*encmm, "sweep", str(sweep_file), "--resume", name],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)  # on the session's cluster, in this process
+    resumed = encmm.sweep(str(sweep_file), tracking_uri=uri, resume=name)
+    assert resumed.status == "FINISHED" and resumed.parent_run_id == parent_id and resumed.name == name
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     trial_ids = [c.data.tags["encmm.trial_id"] for c in children]
     assert len(children) == 2 and len(set(trial_ids)) == 2  # no duplicate child runs
