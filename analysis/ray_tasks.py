@@ -154,10 +154,16 @@ def _contiguous_shards(batches: list, count: int) -> list[list]:
     return [batches[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _run_pass(actors: list, start: Callable[[], list], shards: list[list], progress) -> list[list]:
+def _run_pass(actors: list, start: Callable[[], list], shards: list[list], progress) -> list:
     """One pass: every actor starts from `start()` (one empty accumulator per layer) and reads its shard, a
-    few batches per call; returns the filled accumulators `[layer][actor]`."""
-    ray.get([actor.start.remote(start()) for actor in actors])
+    few batches per call; returns one accumulator per layer, the actors' merged in actor order.
+
+    The start state (for pass 2 every layer's shared basis: 24 x 8 MB for ViT-Large) goes into the object
+    store once for all actors, and their filled accumulators come back one actor at a time, each merged
+    before the next is fetched: the driver holds two actors' state at most, whatever the worker count."""
+    state = ray.put(start())
+    ray.get([actor.start.remote(state) for actor in actors])
+    del state
     calls = [deque(shard[i : i + BATCHES_PER_CALL] for i in range(0, len(shard), BATCHES_PER_CALL)) for shard in shards]
     pending: dict = {}
 
@@ -173,11 +179,15 @@ def _run_pass(actors: list, start: Callable[[], list], shards: list[list], progr
         position = pending.pop(done[0])
         progress(ray.get(done[0]))
         submit(position)
-    per_actor = ray.get([actor.take.remote() for actor in actors])
-    return [list(layer) for layer in zip(*per_actor)]
+    merged = ray.get(actors[0].take.remote())
+    for actor in actors[1:]:
+        taken = ray.get(actor.take.remote())
+        merged = [mine.merge(theirs) for mine, theirs in zip(merged, taken)]
+        del taken
+    return merged
 
 
-BATCH_BYTES = 256 * 2**20  # one batch's features, all layers: what a worker holds beyond its accumulators
+BATCH_BYTES = 128 * 2**20  # one batch's features, all layers: what a worker holds beyond its accumulators
 
 
 def batch_within_budget(batch_size: int, streams: Sequence[LayerStream], itemsize: int = 4) -> int:
@@ -219,16 +229,16 @@ def stream_diagnostics(
     reader_ref = ray.put(reader)
     actors = [ShardWorker.options(**resources).remote(reader_ref, device, threads) for _ in range(count)]
 
-    def run(empty: Callable[[LayerStream], object], shards: list) -> list[tuple[LayerStream, list]]:
+    def run(empty: Callable[[LayerStream], object], shards: list) -> list[tuple[LayerStream, object]]:
         return list(zip(streams, _run_pass(actors, lambda: [empty(s) for s in streams], shards, report)))
 
     try:
         nodes = ray.get([actor.node_id.remote() for actor in actors])
-        for stream, parts in run(LayerStream.first_pass, _contiguous_shards(batches, count)):
-            stream.finish_first(*parts)
+        for stream, merged in run(LayerStream.first_pass, _contiguous_shards(batches, count)):
+            stream.finish_first(merged)
         release_freed_memory()  # the shards' accumulators, merged: the driver keeps only the merged rows
-        for stream, parts in run(LayerStream.sweep_pass, [sweep[position::count] for position in range(count)]):
-            stream.finish_sweep(*parts)
+        for stream, merged in run(LayerStream.sweep_pass, [sweep[position::count] for position in range(count)]):
+            stream.finish_sweep(merged)
         release_freed_memory()
     finally:
         for actor in actors:

@@ -98,12 +98,25 @@ def run_in_memory_child(per_class: int, out: str, uri: str, device: str) -> None
 
 
 # ------------------------------------------------------------------ the parent
+def process_label(cmdline: list[str]) -> str:
+    """A short name: Ray's (``ray::ShardWorker.add``), the ``-m`` module, or the program's file name."""
+    if not cmdline:
+        return "?"
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0]
+    if "-m" in cmdline[:-1]:
+        return cmdline[cmdline.index("-m") + 1]
+    script = next((word for word in cmdline[1:] if not word.startswith("-")), cmdline[0])
+    return Path(script).name
+
+
 class TreeSampler:
     """Peak of the PSS summed over a process and all its descendants, sampled on a thread."""
 
     def __init__(self, pid: int, interval: float):
         self.root, self.interval = psutil.Process(pid), interval
         self.peak, self.samples, self.seen = 0, 0, {}
+        self.at_peak: list[tuple[int, str]] = []  # (PSS, process) of the sample with the peak, largest first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -117,18 +130,21 @@ class TreeSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
+            snapshot = []
             try:
                 tree = [self.root, *self.root.children(recursive=True)]
             except psutil.Error:
                 tree = []
             for proc in tree:
                 try:
-                    total += proc.memory_full_info().pss
+                    snapshot.append((proc.memory_full_info().pss, process_label(proc.cmdline())))
                     self.seen.setdefault(proc.pid, proc.create_time())
                 except psutil.Error:
                     pass  # exited between the listing and the read
-            self.peak, self.samples = max(self.peak, total), self.samples + 1
+            total = sum(pss for pss, _ in snapshot)
+            if total > self.peak:
+                self.peak, self.at_peak = total, sorted(snapshot, reverse=True)
+            self.samples += 1
             self._stop.wait(self.interval)
 
     def survivors(self) -> list[psutil.Process]:
@@ -174,6 +190,7 @@ def measure(kind: str, command: list[str], folder: Path, images: int, interval: 
         "wall_s": wall,
         "wall_per_image_s": wall / images,
         "peak_pss_gib": sampler.peak / 2**30,
+        "at_peak_gib": [[round(pss / 2**30, 3), name] for pss, name in sampler.at_peak[:8]],
         "samples": sampler.samples,
         "processes": len(sampler.seen),
         "survivors_terminated": len(left),
@@ -334,7 +351,8 @@ def main() -> None:
         print(
             f"--features folder, {features['images']} images of {features['shape']} "
             f"({features['folder_gib']:.1f} GiB): "
-            f"peak PSS {features['peak_pss_gib']:.2f} GiB (target <= 4), wall {features['wall_s']:.0f} s"
+            f"peak PSS {features['peak_pss_gib']:.2f} GiB (target <= 4), wall {features['wall_s']:.0f} s; at the "
+            f"peak: " + ", ".join(f"{name} {gib:.2f}" for gib, name in features["at_peak_gib"][:5])
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"model": MODEL, "device": args.device, "runs": runs, **summary}, indent=1))
