@@ -65,7 +65,9 @@ def configure_logging(level: int) -> None:
 
 
 def debugging() -> bool:
-    return os.environ.get("ENCMM_DEBUG", "") not in ("", "0")
+    from encmm.orchestrator import env_flag
+
+    return env_flag("ENCMM_DEBUG")
 
 
 def describe_error(exc: BaseException) -> str:

@@ -7,6 +7,8 @@ import contextlib
 import logging
 import os
 
+from encmm.orchestrator import env_flag
+
 
 def init_ray(address: str | None = None, runtime_env: dict | None = None, dashboard: bool | None = None) -> None:
     """Start (or join) Ray once per process.
@@ -28,9 +30,9 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None, dashbo
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Ray's own console output (worker logs, Train's per-report lines, raylet dumps) only with --verbose:
     # encmm's progress lines come from this process; the workers' logs stay in Ray's session folder.
-    verbose = os.environ.get("ENCMM_VERBOSE", "") not in ("", "0")
+    verbose = env_flag("ENCMM_VERBOSE")
     if dashboard is None:
-        dashboard = os.environ.get("ENCMM_DASHBOARD", "") not in ("", "0")
+        dashboard = env_flag("ENCMM_DASHBOARD")
     kwargs = {
         "ignore_reinit_error": True,
         "log_to_driver": verbose,

@@ -20,7 +20,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from encmm.orchestrator import tracking
+from encmm.orchestrator import env_flag, tracking
 from encmm.orchestrator.experiments import DEFAULT_SWEEP, resolve_experiment
 from encmm.orchestrator.interrupts import Interrupted, graceful
 from encmm.orchestrator.sweep_config import (
@@ -518,7 +518,7 @@ def fit_tuner(plan: RuntimePlan, resume: bool) -> None:
     teardown) on the parent run: the bench's per-trial figure."""
     from encmm.orchestrator.sweep import build_tuner
 
-    if os.environ.get("ENCMM_VERBOSE", "") in ("", "0"):
+    if not env_flag("ENCMM_VERBOSE"):
         # Tune's console output engine prints its experiment box, results folder and a TensorBoard hint
         # even at verbose=0; its legacy engine (Ray's documented switch) prints nothing at verbose=0.
         # encmm's own SweepProgress line says what the sweep is doing.
