@@ -2,6 +2,7 @@
 
     python3 bench/bench_orchestration.py                    # ~1 minute of digits KD training, 1 repeat
     python3 bench/bench_orchestration.py --repeats 2 --modes off,on
+    python3 bench/bench_orchestration.py --modes on --baseline-tree /tmp/base   # + (b) of an older checkout
 
 The same training (digits, a width-32 student distilled from a width-128 teacher checkpoint, 1 worker
 with ``--cpus`` CPUs, ``--epochs`` epochs) runs
@@ -19,6 +20,12 @@ timeline from timestamps: trial start (the MLflow child run's start, the first t
 -> first training step (the first epoch's metric timestamp minus that epoch's ``time/epoch_s`` and the val
 pass) -> training end -> process exit. The ratio (b)/(a) is of the median process wall times. Runs
 alternate (a, b-off, b-on, a, ...). Writes JSON to --json (default bench/results/orchestration.json).
+
+``--baseline-tree DIR`` adds, per repeat and mode, (b) run from a checkout of an older commit (``git worktree
+add DIR COMMIT``) on the same teacher and sweep file, so that before and after are measured in one run.
+The fixed cost of a sweep process is its wall time minus (a)'s. A tree from before the ``encmm`` namespace
+(top-level ``orchestrator`` package) runs as ``python -m orchestrator.cli`` with ``PYTHONPATH=DIR``; a newer
+one needs its own install, so it is refused.
 """
 
 from __future__ import annotations
@@ -105,9 +112,9 @@ def train_tree(args, teacher: Path, local_mode: str = "auto") -> dict:
     return tree
 
 
-def child_env(**extra) -> dict:
+def child_env(tree: Path = REPO, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
 
@@ -145,7 +152,16 @@ def run_a(args, teacher: Path, folder: Path) -> dict:
     }
 
 
-def run_b(args, teacher: Path, folder: Path, local_mode: str) -> dict:
+def cli_module(tree: Path) -> str:
+    """The module to run ``encmm`` from ``tree``: this checkout's, or an older tree's top-level one."""
+    if tree == REPO:
+        return "encmm.orchestrator.cli"
+    if '"orchestrator.cli:main"' not in (tree / "pyproject.toml").read_text():
+        raise SystemExit(f"--baseline-tree {tree}: not a checkout from before the encmm namespace (see --help)")
+    return "orchestrator.cli"
+
+
+def run_b(args, teacher: Path, folder: Path, local_mode: str, tree: Path = REPO) -> dict:
     from mlflow.tracking import MlflowClient
 
     folder.mkdir(parents=True)
@@ -163,9 +179,9 @@ def run_b(args, teacher: Path, folder: Path, local_mode: str) -> dict:
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "encmm.orchestrator.cli", "sweep", str(sweep)],
+        [sys.executable, "-m", cli_module(tree), "sweep", str(sweep)],
         cwd=folder,
-        env=child_env(MLFLOW_TRACKING_URI=uri),
+        env=child_env(tree, MLFLOW_TRACKING_URI=uri),
         capture_output=True,
         text=True,
     )
@@ -184,7 +200,7 @@ def run_b(args, teacher: Path, folder: Path, local_mode: str) -> dict:
     trial_start = child.info.start_time / 1000
     last = stamps[max(stamps)]
     return {
-        "mode": f"sweep local_mode={local_mode}",
+        "mode": f"sweep local_mode={local_mode}" + ("" if tree == REPO else " (baseline tree)"),
         "wall_s": end - start,
         "status": child.info.status,
         "start_to_parent_run_s": parent.info.start_time / 1000 - start,
@@ -208,6 +224,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", default="off,on", help="resources.local_mode values for (b)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--mismatch-images", type=int, default=200, help="sweep: the trial's diagnostics subset")
+    parser.add_argument("--baseline-tree", type=Path, default=None, help="also run (b) from this older checkout")
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs' folders here")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "orchestration.json")
     return parser.parse_args()
@@ -220,6 +237,9 @@ def main() -> None:
         return
     sys.path.insert(0, str(REPO))
     modes = [m for m in args.modes.split(",") if m]
+    trees = [REPO] + ([args.baseline_tree.resolve()] if args.baseline_tree else [])
+    for tree in trees:
+        cli_module(tree)  # refuse a tree it cannot run before any work
     folder = Path(tempfile.mkdtemp(prefix="encmm-orch-", dir=args.keep))
     teacher = make_teacher(folder / "teacher")
     runs = []
@@ -228,27 +248,30 @@ def main() -> None:
         runs.append(run_a(args, teacher, folder / f"a-{r}"))
         print(f"  in-process: {runs[-1]['wall_s']:.1f} s", flush=True)
         for mode in modes:
-            runs.append(run_b(args, teacher, folder / f"b-{mode}-{r}", mode))
-            print(f"  {runs[-1]['mode']}: {runs[-1]['wall_s']:.1f} s", flush=True)
+            for t, tree in enumerate(trees):
+                runs.append(run_b(args, teacher, folder / f"b-{mode}-{r}-{t}", mode, tree))
+                print(f"  {runs[-1]['mode']}: {runs[-1]['wall_s']:.1f} s", flush=True)
     base = statistics.median(x["wall_s"] for x in runs if x["mode"] == "in-process")
     summary = []
-    for mode in ["in-process"] + [f"sweep local_mode={m}" for m in modes]:
+    arms = [f"sweep local_mode={m}" + suffix for m in modes for suffix in ("", " (baseline tree)")[: len(trees)]]
+    for mode in ["in-process"] + arms:
         rows = [x for x in runs if x["mode"] == mode]
         med = {k: statistics.median(x[k] for x in rows) for k in rows[0] if isinstance(rows[0][k], (int, float))}
         med["mode"], med["ratio_vs_in_process"] = mode, med["wall_s"] / base
+        med["fixed_cost_s"] = med["wall_s"] - base
         if "tune_s" in med:
             med["tune_ratio_vs_in_process"] = med["tune_s"] / base
         summary.append(med)
     print(
-        "\n| run | process wall s | ratio vs in-process | Tune wall s (the trial) | trial ratio vs in-process "
-        "(<= 1.15) | start -> first step s | trial start -> first step s | training s | after training s |"
-        "\n|---|---|---|---|---|---|---|---|---|"
+        "\n| run | process wall s | ratio vs in-process | fixed cost s (<= 16) | Tune wall s (the trial) "
+        "| trial ratio vs in-process (<= 1.10) | start -> first step s | trial start -> first step s | training s "
+        "| after training s |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     for s in summary:
         trial = s.get("trial_start_to_first_step_s", s.get("setup_to_first_step_s"))
         tune = f"{s['tune_s']:.1f} | {s['tune_ratio_vs_in_process']:.3f}" if "tune_s" in s else "- | -"
         print(
-            f"| {s['mode']} | {s['wall_s']:.1f} | {s['ratio_vs_in_process']:.3f} | {tune} "
+            f"| {s['mode']} | {s['wall_s']:.1f} | {s['ratio_vs_in_process']:.3f} | {s['fixed_cost_s']:.1f} | {tune} "
             f"| {s['start_to_first_step_s']:.1f} | {trial:.1f} | {s['train_s']:.1f} | {s['after_training_s']:.1f} |"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
