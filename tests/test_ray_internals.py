@@ -1,5 +1,5 @@
-"""Each Ray internal encmm still relies on, pinned: an upgrade that breaks one fails here, naming the Ray
-version and the encmm function that needs another way. (Ray has no public API for these.)"""
+"""Each Ray (and CPython) internal encmm still relies on, pinned: an upgrade that breaks one fails here, naming
+the version and the encmm function that needs another way. (Neither has a public API for these.)"""
 
 from __future__ import annotations
 
@@ -62,4 +62,25 @@ def test_train_v2_switch_is_still_read_from_the_environment():
     root = Path(ray.train.__file__).parent
     assert any("RAY_TRAIN_V2_ENABLED" in p.read_text(errors="ignore") for p in root.rglob("*.py")), (
         f"{VERSION}: RAY_TRAIN_V2_ENABLED is no longer read; encmm.orchestrator.ray_cluster.init_ray sets it"
+    )
+
+
+def test_exit_handlers_still_run_before_the_fast_exit_after_ray():
+    """``orchestrator.cli.exit_fast_after_ray`` runs the atexit handlers (``ray.shutdown``, MLflow's flushes)
+    itself, then ``os._exit``s past Ray's native finalizers. ``atexit._run_exitfuncs`` is CPython's, not public:
+    pinned here by behaviour (each handler once, last registered first), naming the Python version."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, os\n"
+        "atexit.register(print, 'first registered')\n"
+        "atexit.register(print, 'last registered')\n"
+        "atexit._run_exitfuncs()\n"
+        "os._exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.splitlines()) == (3, ["last registered", "first registered"]), (
+        f"Python {sys.version.split()[0]}: atexit._run_exitfuncs no longer runs the exit handlers; "
+        f"encmm.orchestrator.cli.exit_fast_after_ray must end the process another way ({done.stderr[-500:]})"
     )
