@@ -17,7 +17,9 @@ one matrix X_i in R^{N x C} per image.
 
 Ranks use a float64 Gram matrix of each image's smaller side and `torch.linalg.eigvalsh`: the squared
 singular values, exact enough that the integer ranks equal a float64 SVD's (a float32 Gram is not;
-stack.md).
+stack.md). On CUDA, `svd_rank` takes cuSOLVER's batched gesvda spectra instead (about 29x faster) and
+certifies every image's ranks against that reference method with an a-posteriori error margin; the reference
+recomputes the images inside the margin and the chunks that gesvda refuses (`analysis.certified_ranks`).
 
 One layer's report (`diagnose_layer`) is assembled by `layer_report`, `sep_report` and `layer_arrays`
 from per-image values and additive sums (`layer_values`, `image_sep_moments`, `permuted_sep_terms`,
@@ -54,7 +56,7 @@ RANK_TOLERANCE = 1e-12
 _CHUNK_BYTES = 16 << 20  # float64 working set per chunk of large matrix products: bounds memory
 # Batched small-matrix work (Gram + eigvalsh per image) runs fastest on the CPU in chunks that stay in
 # the L2 cache (1.7x faster on 2 cores than one 300 MB batch); an accelerator wants big batches.
-_CPU_BATCH_BYTES = 2 << 20
+CPU_BATCH_BYTES = 2 << 20
 _DEVICE_BATCH_BYTES = 256 << 20
 _BOOTSTRAP_SAMPLES = 1000
 
@@ -112,7 +114,7 @@ def ranks_at(ranks: Tensor, thresholds: Sequence[float], wanted: Sequence[float]
     return ranks[:, [computed.index(p) for p in wanted]]
 
 
-def _map_chunks(
+def map_chunks(
     fn: Callable[[Tensor], Tensor], x: Tensor, bytes_per_item: int, budget: int = _CHUNK_BYTES
 ) -> list[Tensor]:
     """Apply `fn` to chunks of `x` along dim 0, each holding about `budget` bytes.
@@ -141,18 +143,22 @@ def energy_spectrum(features: Tensor) -> Tensor:
     _, n, c = x.shape
 
     def spectrum(chunk: Tensor) -> Tensor:
-        chunk = chunk.to(torch.float64)
-        gram = chunk @ chunk.mT if n <= c else chunk.mT @ chunk
+        gram = smaller_gram(chunk.to(torch.float64))
         # A NaN/inf entry makes its row's squared norm, a diagonal entry, NaN/inf.
         if not torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all():
             raise ValueError("features contain NaN or inf")
         return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0.0)
 
-    return torch.cat(_map_chunks(spectrum, x, 8 * (n * c + min(n, c) ** 2), _batch_bytes(x)))
+    return torch.cat(map_chunks(spectrum, x, 8 * (n * c + min(n, c) ** 2), _batch_bytes(x)))
+
+
+def smaller_gram(x: Tensor) -> Tensor:
+    """Gram matrix of each image's smaller side, `[b, N, C]` -> X X^T `[b, N, N]` if N <= C else X^T X `[b, C, C]`."""
+    return x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
 
 
 def _batch_bytes(x: Tensor) -> int:
-    return _CPU_BATCH_BYTES if x.device.type == "cpu" else _DEVICE_BATCH_BYTES
+    return CPU_BATCH_BYTES if x.device.type == "cpu" else _DEVICE_BATCH_BYTES
 
 
 def cumulative_energy(energies: Tensor) -> Tensor:
@@ -177,8 +183,17 @@ def required_rank(cumulative_energy: Tensor, thresholds: Sequence[float]) -> Ten
 
 
 def svd_rank(features: Tensor, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> Tensor:
-    """Per-image SVD rank d_p(X_i), `[I, N, C]` -> `[I, P]` long."""
-    return required_rank(cumulative_energy(energy_spectrum(features)), thresholds)
+    """Per-image SVD rank d_p(X_i), `[I, N, C]` -> `[I, P]` long, by the reference method (float64 Gram +
+    eigvalsh: `energy_spectrum`); where the device has a fast spectrum (`certified_ranks.device_fast_spectrum`:
+    CUDA), the same ranks from `certified_ranks.certified_svd_rank`."""
+    x = check_features(features, check_finite=False)
+    if x.device.type != "cpu":  # the certified path's own module builds on this one's reference functions
+        from encmm.analysis.certified_ranks import certified_svd_rank, device_fast_spectrum
+
+        fast = device_fast_spectrum(x.device)
+        if fast is not None:
+            return certified_svd_rank(x, thresholds, fast).ranks
+    return required_rank(cumulative_energy(energy_spectrum(x)), thresholds)
 
 
 # --------------------------------------------------------------------------- 2. shared basis
@@ -203,7 +218,7 @@ def token_gram_sum(features: Tensor) -> Tensor:
         tokens = chunk.to(torch.float64).reshape(-1, c)
         return tokens.mT @ tokens
 
-    return torch.stack(_map_chunks(gram, x, 8 * n * c)).sum(0)
+    return torch.stack(map_chunks(gram, x, 8 * n * c)).sum(0)
 
 
 def basis_from_gram(gram_sum: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
@@ -228,7 +243,7 @@ def captured_energy(features: Tensor, eigenvectors: Tensor) -> Tensor:
         energy = (chunk @ basis).square().sum(-2).cumsum(-1)  # [b, K]
         return energy / chunk.square().sum((-2, -1)).unsqueeze(-1)
 
-    energies = torch.cat(_map_chunks(captured, x, 8 * n * (c + basis.shape[-1])))
+    energies = torch.cat(map_chunks(captured, x, 8 * n * (c + basis.shape[-1])))
     if not torch.isfinite(energies).all():
         raise ValueError("an image has zero energy: its rank is undefined")
     return energies
@@ -298,7 +313,7 @@ def right_singular_bases(features: Tensor, k_max: int) -> Tensor:
         inverse = torch.where(sigma > 0, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
         return (chunk.mT @ left) * inverse.unsqueeze(-2)
 
-    return torch.cat(_map_chunks(bases, x, 8 * (n * c + min(n, c) ** 2 + c * k_max), _batch_bytes(x)))
+    return torch.cat(map_chunks(bases, x, 8 * (n * c + min(n, c) ** 2 + c * k_max), _batch_bytes(x)))
 
 
 def _block_angles(products: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:

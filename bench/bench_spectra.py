@@ -5,7 +5,9 @@
 
 Every method's ranks (p = 0.8, 0.9, 0.95, 0.99) are compared with the float64 reference, a per-image
 `np.linalg.svd` loop that is also the baseline timing, on the timed features and on an untimed
-"hard set" whose energies sit exactly on the thresholds. Prints a table; writes JSON to --json.
+"hard set" whose energies sit exactly on the thresholds. encmm's certified methods (`certified_svd_rank`)
+also report how many images the float64 re-check recomputed ("rechecked") and how many the fast spectrum
+refused (cuSOLVER's gesvda on rank-deficient matrices). Prints a table; writes JSON to --json.
 """
 
 from __future__ import annotations
@@ -22,7 +24,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from encmm.analysis.spectra import RANK_TOLERANCE, svd_rank  # noqa: E402
+from encmm.analysis.certified_ranks import (  # noqa: E402
+    CertifiedRanks,
+    certified_svd_rank,
+    device_fast_spectrum,
+    gram_spectrum,
+)
+from encmm.analysis.spectra import (  # noqa: E402
+    RANK_TOLERANCE,
+    cumulative_energy,
+    energy_spectrum,
+    required_rank,
+    svd_rank,
+)
 
 THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
 
@@ -84,9 +98,27 @@ def float32_gram(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(ranks_from_energies(values.double().cpu().numpy()))
 
 
+def gesvda_vectors(x: torch.Tensor) -> torch.Tensor:
+    """The certified path's cuSOLVER call alone (float64, singular vectors too), for the cost split."""
+    values = torch.linalg.svd(x.double(), full_matrices=False, driver="gesvda").S
+    return torch.from_numpy(ranks_from_energies(values.square().cpu().numpy()))
+
+
+def certified_gesvda(x: torch.Tensor) -> CertifiedRanks:
+    fast = device_fast_spectrum(x.device)
+    if fast is None:
+        raise SystemExit(f"encmm-certified-gesvda needs CUDA with cuSOLVER, not {x.device}")
+    return certified_svd_rank(x, THRESHOLDS, fast)
+
+
 REFERENCE = "numpy-loop-f64"
-METHODS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "encmm-svd_rank": lambda x: svd_rank(x, THRESHOLDS),  # float64 Gram + eigvalsh, on x's device
+ENCMM_REFERENCE = "encmm-reference"  # the float64 Gram + eigvalsh method that the certified ranks must equal
+METHODS: dict[str, Callable[[torch.Tensor], torch.Tensor | CertifiedRanks]] = {
+    "encmm-svd_rank": lambda x: svd_rank(x, THRESHOLDS),  # what encmm runs on x's device (CUDA: certified gesvda)
+    ENCMM_REFERENCE: lambda x: required_rank(cumulative_energy(energy_spectrum(x)), THRESHOLDS),  # f64 Gram+eigvalsh
+    "encmm-certified-gesvda": certified_gesvda,  # CUDA only: = encmm-svd_rank there, with its re-check counts
+    "encmm-certified-f32gram": lambda x: certified_svd_rank(x, THRESHOLDS, gram_spectrum),  # float32 + re-check
+    "svd-gesvda-f64": gesvda_vectors,  # CUDA only
     "svdvals-f32": torch_svdvals(torch.float32),
     "svdvals-f64": torch_svdvals(torch.float64),
     "gram-f32-eigvalsh": float32_gram,
@@ -95,20 +127,29 @@ METHODS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def on_host(ranks) -> np.ndarray:
+def on_host(result) -> np.ndarray:
     """A method's ranks as a numpy array, wherever they were computed."""
+    ranks = result.ranks if isinstance(result, CertifiedRanks) else result
     return ranks.cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks)
+
+
+def recheck_counts(result) -> tuple[int, int] | None:
+    """(images re-checked by the float64 reference, of which refused by the fast spectrum), for a certified method."""
+    if not isinstance(result, CertifiedRanks):
+        return None
+    return int(result.rechecked.sum()), int(result.refused.sum())
 
 
 def hard_set_mismatches(
     method: Callable[[torch.Tensor], torch.Tensor], hard: torch.Tensor, reference: np.ndarray
-) -> int | str:
+) -> tuple[int | str, tuple[int, int] | None]:
     """Images of the hard set whose ranks differ from the reference, or why the method gave none
-    (cuSOLVER's gesvda refuses rank-deficient batches: "failed to converge")."""
+    (cuSOLVER's gesvda refuses rank-deficient batches: "failed to converge"); and `recheck_counts`."""
     try:
-        return int((on_host(method(hard)) != reference).any(-1).sum())
+        result = method(hard)
     except torch.linalg.LinAlgError as exc:
-        return "error: " + str(exc).split("): ", 1)[-1].split(" because")[0]  # "The algorithm failed to converge"
+        return "error: " + str(exc).split("): ", 1)[-1].split(" because")[0], None  # "The algorithm failed to converge"
+    return int((on_host(result) != reference).any(-1).sum()), recheck_counts(result)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
@@ -122,9 +163,11 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
     return time.perf_counter() - start, result
 
 
-def measure_layer(x: torch.Tensor, numpy_images: int, methods: dict, repeats: int) -> dict[str, tuple[float, int]]:
+def measure_layer(x: torch.Tensor, numpy_images: int, methods: dict, repeats: int) -> dict[str, tuple]:
     """Best time of each method over `repeats` rounds, interleaved so that load from other processes
-    hits every method alike; plus the number of images whose ranks differ from the numpy reference."""
+    hits every method alike; the number of images whose ranks differ from the numpy reference, and from
+    encmm's float64 reference method on every image (None unless "encmm-reference" runs); and `recheck_counts`
+    of the last round."""
     host = x[:numpy_images].cpu().numpy()
     runs = {REFERENCE: lambda: numpy_loop(host)}
     runs.update({name: (lambda method=method: method(x)) for name, method in methods.items()})
@@ -137,7 +180,10 @@ def measure_layer(x: torch.Tensor, numpy_images: int, methods: dict, repeats: in
             best[name] = min(best[name], seconds)
     reference = outputs[REFERENCE]
     differ = {name: int((on_host(outputs[name])[:numpy_images] != reference).any(-1).sum()) for name in runs}
-    return {name: (best[name], differ[name]) for name in runs}
+    exact = on_host(outputs[ENCMM_REFERENCE]) if ENCMM_REFERENCE in outputs else None
+    versus = {name: None if exact is None else int((on_host(outputs[name]) != exact).any(-1).sum()) for name in runs}
+    versus[REFERENCE] = None
+    return {name: (best[name], differ[name], versus[name], recheck_counts(outputs[name])) for name in runs}
 
 
 def parse_args() -> argparse.Namespace:
@@ -185,22 +231,28 @@ def main() -> None:
     numpy_images = min(args.numpy_images or args.images, args.images)
     totals = {name: 0.0 for name in [REFERENCE, *methods]}
     mismatched = {name: 0 for name in totals}
+    rechecked: dict[str, list[int] | None] = {name: None for name in totals}
+    versus_encmm: dict[str, int | None] = {name: None for name in totals}
     for layer in range(args.layers):
         x = make_layer(args.images, args.tokens, args.channels, seed=layer, device=device)
         if layer == 0:  # warm-up: first calls pay for library start-up and CUDA kernel loading
             numpy_loop(x[:8].cpu().numpy())
             for method in methods.values():
                 method(x[:8])
-        for name, (seconds, differ) in measure_layer(x, numpy_images, methods, args.repeats).items():
+        for name, (seconds, differ, versus, counts) in measure_layer(x, numpy_images, methods, args.repeats).items():
             scale = args.images / numpy_images if name == REFERENCE else 1.0
             totals[name] += seconds * scale
             mismatched[name] += differ
+            if versus is not None:
+                versus_encmm[name] = (versus_encmm[name] or 0) + versus
+            if counts is not None:
+                rechecked[name] = [a + b for a, b in zip(rechecked[name] or [0, 0], counts)]
         print(f"layer {layer + 1}/{args.layers} done", file=sys.stderr)
 
     hard = make_hard_set(min(args.images, 400), args.tokens, args.channels).to(device)
     hard_reference = numpy_loop(hard.cpu().numpy())
-    hard_mismatched = {name: hard_set_mismatches(method, hard, hard_reference) for name, method in methods.items()}
-    hard_mismatched[REFERENCE] = 0
+    hard_results = {name: hard_set_mismatches(method, hard, hard_reference) for name, method in methods.items()}
+    hard_results[REFERENCE] = (0, None)
 
     baseline = totals[REFERENCE]
     rows = [
@@ -209,7 +261,12 @@ def main() -> None:
             "seconds": totals[name],
             "speedup": baseline / totals[name],
             "mismatched_images": mismatched[name],
-            "hard_mismatched_images": hard_mismatched[name],
+            "hard_mismatched_images": hard_results[name][0],
+            "images_differing_from_encmm_reference": versus_encmm[name],
+            "rechecked_images": None if rechecked[name] is None else rechecked[name][0],
+            "refused_images": None if rechecked[name] is None else rechecked[name][1],
+            "hard_rechecked_images": None if hard_results[name][1] is None else hard_results[name][1][0],
+            "hard_refused_images": None if hard_results[name][1] is None else hard_results[name][1][1],
         }
         for name in totals
     ]
@@ -221,10 +278,19 @@ def main() -> None:
     if numpy_images < args.images:
         print(f"numpy loop time scaled up from {numpy_images} images per layer")
     print(f"hard set: {hard.shape[0]} knife-edge matrices (flat spectra with E_k = p exactly, log spectra)")
-    print(f"{'method':24s} {'seconds':>9s} {'vs numpy':>9s}  {'images with ranks != f64 reference':>36s}")
+    timed = args.images * args.layers
+    print(f"{'method':24s} {'seconds':>9s} {'vs numpy':>9s}  {'images with ranks != f64 reference':>36s}  all images")
     for row in rows:
         differ = f"{row['mismatched_images']} of {checked}, hard set {row['hard_mismatched_images']}"
-        print(f"{row['method']:24s} {row['seconds']:9.3f} {row['speedup']:8.1f}x  {differ:>36s}")
+        notes = []
+        if row["images_differing_from_encmm_reference"] is not None:
+            notes.append(f"!= {ENCMM_REFERENCE}: {row['images_differing_from_encmm_reference']} of {timed}")
+        if row["rechecked_images"] is not None:
+            notes.append(f"rechecked {row['rechecked_images']} ({row['refused_images']} refused)")
+        if row["hard_rechecked_images"] is not None:
+            notes.append(f"hard set rechecked {row['hard_rechecked_images']} ({row['hard_refused_images']} refused)")
+        recheck = "; ".join(notes)
+        print(f"{row['method']:24s} {row['seconds']:9.3f} {row['speedup']:8.1f}x  {differ:>36s}  {recheck}")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(

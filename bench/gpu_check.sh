@@ -4,9 +4,12 @@
 #   eager and compiled (bench/bench_teacher_forward.py; its CPU default also times the bench's folded one);
 # - train_step_compiled / train_step_eager: the CaiT-S24 -> DeiT-Tiny KD step, encmm against the bare timm
 #   loop (bench/bench_train_step.py), encmm's teacher running whichever attention was faster compiled;
-# - spectra: the diagnostics math on 1,000 images x 24 layers of 196x384.
+# - spectra: the diagnostics math on 1,000 images x 24 layers of 196x384: encmm's certified gesvda path
+#   (what `svd_rank` runs on CUDA) and its re-check counts, the float64 Gram + eigvalsh reference it must
+#   equal (37 s on an H100), and cuSOLVER's gesvda alone, without and with singular vectors;
+# - spectra_test: the `gpu`-marked test of tests/test_spectra.py (skipped where pytest or hypothesis is missing).
 # Each stage has its own time limit, so a slow or failing stage still leaves the others' results; the
-# limits add up to ~12 minutes, the stages took ~6-7 minutes on an H100 (BENCHMARKS.md, section 5).
+# limits add up to ~12.5 minutes, the stages took ~6-7 minutes on an H100 (BENCHMARKS.md, section 5).
 #
 #   bash bench/gpu_check.sh                                         # results in ${OUT:-bench/results}
 #   STAGES="teacher_forward train_step_compiled" bash bench/gpu_check.sh   # some stages only
@@ -43,7 +46,7 @@ teacher_attention() {  # the faster compiled teacher forward of the teacher_forw
 json.load(open(sys.argv[1]))['results']}; print('fused' if r[('fused', True)] >= r[('timm', True)] else 'timm')" \
         "$out/teacher_forward.json" 2>/dev/null || echo auto
 }
-for name in ${STAGES:-teacher_forward train_step_compiled train_step_eager spectra}; do
+for name in ${STAGES:-teacher_forward train_step_compiled train_step_eager spectra spectra_test}; do
     case $name in
     teacher_forward) stage teacher_forward 200 python3 bench/bench_teacher_forward.py --device cuda --compile both \
         --variants timm,fused --steps 20 --repeats 3 --json "$out/teacher_forward.json" ;;
@@ -52,7 +55,11 @@ for name in ${STAGES:-teacher_forward train_step_compiled train_step_eager spect
     train_step_eager) stage train_step_eager 110 python3 bench/bench_train_step.py --device cuda --compile off \
         --steps 30 --repeats 3 --teacher-attention "$(teacher_attention)" --json "$out/train_step_eager.json" ;;
     spectra) stage spectra 130 python3 bench/bench_spectra.py --full --device cuda --repeats 1 \
-        --methods encmm-svd_rank,svdvals-gesvda-f32,svdvals-gesvda-f64 --json "$out/spectra_cuda.json" ;;
+        --methods encmm-svd_rank,encmm-certified-gesvda,encmm-reference,svdvals-gesvda-f64,svd-gesvda-f64 \
+        --json "$out/spectra_cuda.json" ;;
+    spectra_test) if python3 -c "import pytest, hypothesis" 2>/dev/null; then
+        stage spectra_test 60 python3 -m pytest -q -p no:cacheprovider tests/test_spectra.py -m gpu
+    else echo "== spectra_test: skipped (no pytest or hypothesis here)"; fi ;;
     *) echo "!! unknown stage $name"; status=1 ;;
     esac
 done

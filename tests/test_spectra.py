@@ -12,11 +12,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from encmm.analysis import spectra
+from encmm.analysis import certified_ranks, spectra
+from encmm.analysis.certified_ranks import (
+    UNIT_ROUNDOFF,
+    SpectrumBound,
+    certified_svd_rank,
+    gram_eigen_error,
+    gram_spectrum,
+    svd_spectrum,
+)
 from encmm.analysis.spectra import (
     RANK_TOLERANCE,
     SEP_STATISTICS,
     captured_energy,
+    cumulative_energy,
     diagnose_layer,
     energy_spectrum,
     layer_rank_arrays,
@@ -227,7 +236,7 @@ def test_energy_spectrum_equals_squared_singular_values_descending():
 def test_energy_spectrum_is_the_same_in_many_small_chunks(monkeypatch):
     x = torch.from_numpy(realistic(np.random.default_rng(2), 25, 10, 14))
     whole = energy_spectrum(x)
-    monkeypatch.setattr(spectra, "_CPU_BATCH_BYTES", 1)  # one image per chunk, run on a thread pool
+    monkeypatch.setattr(spectra, "CPU_BATCH_BYTES", 1)  # one image per chunk, run on a thread pool
     assert torch.equal(energy_spectrum(x), whole)
 
 
@@ -659,3 +668,219 @@ def test_rotation_rejects_ranks_outside_the_matrix():
     x = torch.ones(2, 3, 4)
     with pytest.raises(ValueError, match="ranks"):
         rotation_to_shared(x, torch.tensor([1, 4]), torch.eye(4))
+
+
+# ------------------------------------------------------------------- 1b. certified fast ranks
+def reference_ranks(x: torch.Tensor, thresholds=THRESHOLDS) -> torch.Tensor:
+    """The reference method, spelled out: float64 Gram + eigvalsh on x's device."""
+    return required_rank(cumulative_energy(energy_spectrum(x)), thresholds)
+
+
+def float64_svd(chunk: torch.Tensor, energy: torch.Tensor):
+    """The GPU path's certificate (`ritz_spectrum`) around LAPACK's float64 SVD on the CPU."""
+    return svd_spectrum(chunk, energy, driver=None)
+
+
+def perturbed_spectrum(size: float, claimed: float = 1.0, seed: int = 0):
+    """A deliberately inaccurate stand-in: the reference's energies moved by up to `size` * ||X||_F^2 each, at
+    random, then sorted. It claims `claimed` times its true bound (that error plus the reference's own)."""
+
+    def fast(chunk: torch.Tensor, energy: torch.Tensor) -> SpectrumBound:
+        exact = energy_spectrum(chunk)
+        generator = torch.Generator().manual_seed(seed + chunk.shape[0])
+        shift = (torch.rand(exact.shape, generator=generator, dtype=torch.float64) * 2 - 1) * size * energy[:, None]
+        energies = (exact + shift).clamp_min(0.0).sort(-1, descending=True).values
+        own = gram_eigen_error(energy, max(chunk.shape[1:]), min(chunk.shape[1:]), UNIT_ROUNDOFF[torch.float64])
+        return SpectrumBound(energies, claimed * (size * energy + own))
+
+    return fast
+
+
+def refusing(fast):
+    """`fast`, except that it refuses any chunk holding a rank-deficient image, as cuSOLVER's gesvda does."""
+
+    def run(chunk: torch.Tensor, energy: torch.Tensor) -> SpectrumBound:
+        if (torch.linalg.matrix_rank(chunk.double()) < min(chunk.shape[1:])).any():
+            raise torch.linalg.LinAlgError(
+                "linalg.svd: (Batch element 3): The algorithm failed to converge because the input matrix is "
+                "ill-conditioned or has too many repeated singular values (error code: 102)."
+            )
+        return fast(chunk, energy)
+
+    return run
+
+
+def knife_edge_images(dtype=np.float64) -> np.ndarray:
+    """Flat spectra of rank 5, 10 and 20: E_k = k / r equals 0.8, 0.9 and 0.95 exactly."""
+    return union_of_subspaces(np.random.default_rng(30), [5, 10, 20] * 4, 24, 40).astype(dtype)
+
+
+STAND_INS = {
+    "float32-gram": gram_spectrum,
+    "float64-svd-ritz": float64_svd,
+    "perturbed-1e-3": perturbed_spectrum(1e-3),
+}
+
+
+@pytest.mark.parametrize("stand_in", STAND_INS.values(), ids=STAND_INS.keys())
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng: rng.standard_normal((30, 12, 20)),
+        lambda rng: rng.standard_normal((30, 20, 12)).astype(np.float32),
+        lambda rng: realistic(rng, 30, 24, 48),
+        lambda rng: ill_conditioned(rng, 10, 20, 30, 1e12),
+        lambda rng: union_of_subspaces(rng, [1, 2, 7, 15], 16, 48).astype(np.float32),
+        lambda rng: knife_edge_images(),
+    ],
+    ids=["gaussian-wide", "gaussian-tall-f32", "low-rank-noise", "cond-1e12", "union-f32", "knife-edge"],
+)
+def test_certified_ranks_equal_the_reference_whatever_the_stand_in(make, stand_in):
+    x = torch.from_numpy(make(np.random.default_rng(31)))
+    certified = certified_svd_rank(x, THRESHOLDS, stand_in)
+    assert torch.equal(certified.ranks, reference_ranks(x))
+    assert (certified.ranks.numpy() == reference_svd_ranks(x.numpy())).all()
+    assert not certified.refused.any()
+
+
+def test_certificate_rechecks_knife_edges_and_passes_the_rest():
+    edges = torch.from_numpy(knife_edge_images())
+    clear = torch.from_numpy(realistic(np.random.default_rng(32), 40, 24, 48))
+    for stand_in in STAND_INS.values():
+        assert certified_svd_rank(edges, THRESHOLDS, stand_in).rechecked.all()  # E_k = p lies inside any margin
+    # float64 work certifies all clear-cut images; a looser bound (errors of 1e-5 of the energy) still some.
+    assert not certified_svd_rank(clear, THRESHOLDS, float64_svd).rechecked.any()
+    assert not certified_svd_rank(clear, THRESHOLDS, perturbed_spectrum(1e-5)).rechecked.all()
+    expected = [[math.ceil(p * r - 1e-9) for p in THRESHOLDS] for r in [5, 10, 20] * 4]
+    assert certified_svd_rank(edges, THRESHOLDS, gram_spectrum).ranks.tolist() == expected
+
+
+def test_a_stand_in_that_understates_its_error_gets_ranks_wrong():
+    # The control for the tests above: the injected errors do move ranks, so equality comes from the re-check.
+    x = torch.from_numpy(np.random.default_rng(33).standard_normal((200, 12, 20)))
+    honest = certified_svd_rank(x, THRESHOLDS, perturbed_spectrum(1e-3))
+    lying = certified_svd_rank(x, THRESHOLDS, perturbed_spectrum(1e-3, claimed=0.0))
+    assert torch.equal(honest.ranks, reference_ranks(x)) and honest.rechecked.any()
+    assert not torch.equal(lying.ranks, reference_ranks(x))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=images_strategy, size=st.sampled_from([0.0, 1e-9, 1e-4, 1e-2]), seed=st.integers(0, 2**16))
+def test_certified_ranks_equal_the_reference_on_integer_matrices(x, size, seed):
+    x = x[np.abs(x).sum(axis=(1, 2)) > 0]  # a zero image has no rank
+    if x.shape[0] == 0:
+        return
+    features = torch.from_numpy(x)  # integer entries: ties, repeated and zero singular values, exact E_k = p
+    certified = certified_svd_rank(features, THRESHOLDS, perturbed_spectrum(size, seed=seed))
+    assert torch.equal(certified.ranks, reference_ranks(features))
+    assert torch.equal(certified_svd_rank(features, THRESHOLDS, refusing(gram_spectrum)).ranks, certified.ranks)
+
+
+def test_refused_chunks_are_halved_and_their_rank_deficient_pieces_fall_back_to_the_reference(monkeypatch):
+    x = np.random.default_rng(34).standard_normal((40, 12, 20))
+    deficient = [5, 30]
+    x[deficient, 1] = x[deficient, 0]  # a duplicated token
+    monkeypatch.setattr(spectra, "CPU_BATCH_BYTES", 1 << 30)  # one chunk per thread
+    features = torch.from_numpy(x)
+    certified = certified_svd_rank(features, THRESHOLDS, refusing(float64_svd))
+    assert torch.equal(certified.ranks, reference_ranks(features))
+    assert certified.refused[deficient].all() and int(certified.refused.sum()) <= 2 * certified_ranks._REFUSED_PIECE
+    assert torch.equal(certified.rechecked, certified.refused)  # the others are clear-cut in float64
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.linalg.LinAlgError("linalg.svd: The input matrix is singular"), RuntimeError("CUDA out of memory")],
+)
+def test_other_failures_of_the_fast_spectrum_propagate(error):
+    def failing(chunk, energy):
+        raise error
+
+    with pytest.raises(type(error), match=str(error)):
+        certified_svd_rank(torch.ones(3, 4, 5), THRESHOLDS, failing)
+
+
+@pytest.mark.parametrize(
+    "features, thresholds, message",
+    [
+        (np.full((2, 4, 5), np.nan), THRESHOLDS, "NaN"),
+        (np.zeros((2, 4, 5)), THRESHOLDS, "zero energy"),
+        (np.ones((2, 4, 5)), (0.5, 1.0), r"\(0, 1\)"),
+        (np.ones((4, 5)), THRESHOLDS, "3-D"),
+    ],
+)
+def test_certified_path_rejects_bad_input_as_the_reference_does(features, thresholds, message):
+    with pytest.raises(ValueError, match=message):
+        certified_svd_rank(features, thresholds, float64_svd)
+
+
+@pytest.mark.parametrize("stand_in", [gram_spectrum, float64_svd], ids=["float32-gram", "float64-svd-ritz"])
+def test_error_bounds_cover_the_distance_to_a_float64_svd(stand_in):
+    rng = np.random.default_rng(35)
+    for x in (realistic(rng, 10, 24, 48), ill_conditioned(rng, 10, 30, 20, 1e12), knife_edge_images(np.float32)):
+        features = torch.from_numpy(x)
+        energy = features.double().square().sum((-2, -1))
+        bound = stand_in(features, energy)
+        exact = torch.from_numpy(np.stack([np.linalg.svd(xi.astype(np.float64), compute_uv=False) ** 2 for xi in x]))
+        assert ((bound.energies - exact).abs().amax(-1) <= bound.error).all()
+        assert (bound.error < (1e-3 if stand_in is gram_spectrum else 1e-10) * energy).all()
+
+
+def test_ritz_bound_grows_with_the_eigenvector_error_and_refuses_non_orthogonal_vectors():
+    x = torch.from_numpy(realistic(np.random.default_rng(36), 4, 12, 20))
+    energy = x.square().sum((-2, -1))
+    gram = x @ x.mT
+    vectors = torch.linalg.eigh(gram).eigenvectors
+    a = torch.from_numpy(np.random.default_rng(37).standard_normal((12, 12)))
+    turn = torch.linalg.matrix_exp(1e-4 * (a - a.mT))  # a small rotation
+    tight = certified_ranks.ritz_spectrum(gram, vectors, energy, 20)
+    loose = certified_ranks.ritz_spectrum(gram, vectors @ turn, energy, 20)  # still orthonormal, no longer eigenvectors
+    assert (tight.error < 1e-12 * energy).all() and (loose.error > 1e3 * tight.error).all()
+    assert torch.allclose(tight.energies, energy_spectrum(x), rtol=0, atol=1e-12 * float(energy.max()))
+    assert torch.isinf(certified_ranks.ritz_spectrum(gram, 2 * vectors, energy, 20).error).all()
+
+
+@pytest.fixture(scope="module")
+def deit_tiny_digit_features() -> torch.Tensor:
+    """Every block's patch tokens of a random-init deit_tiny (64 px, 8 px patches: 64 x 192) on the first 3
+    digits of each class, as `encmm diagnose` reads them: `[12 * 30, 64, 192]` float32."""
+    import timm
+
+    from encmm.analysis import features as feats
+    from encmm.trainables.data import DIGITS_MEAN, DIGITS_STD, load_digits_tensors
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8).eval()
+    spec = feats.timm_input_spec(model)
+    images, labels = load_digits_tensors(8)
+    chosen = feats.first_per_class(labels.tolist(), 3)
+    x = feats.renormalise(feats.resize_images(images[chosen], spec.size), DIGITS_MEAN, DIGITS_STD, spec.mean, spec.std)
+    with torch.no_grad():
+        return torch.cat(feats.layers_of(model, x, None))
+
+
+@pytest.mark.parametrize("stand_in", STAND_INS.values(), ids=STAND_INS.keys())
+def test_certified_ranks_of_real_features_equal_the_reference(deit_tiny_digit_features, stand_in):
+    x = deit_tiny_digit_features
+    certified = certified_svd_rank(x, THRESHOLDS, stand_in)
+    assert torch.equal(certified.ranks, reference_ranks(x))
+    if stand_in is float64_svd:  # the GPU path's certificate: real features are clear-cut at its margin
+        assert int(certified.rechecked.sum()) <= x.shape[0] // 100
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gesvda_path_gives_the_reference_ranks_on_cuda_including_a_rank_deficient_chunk():
+    rng = np.random.default_rng(38)
+    clear = torch.from_numpy(realistic(rng, 64, 196, 384).astype(np.float32)).cuda()
+    deficient = torch.from_numpy(union_of_subspaces(rng, [5, 10, 20, 196] * 4, 196, 384)).float().cuda()
+    fast = certified_ranks.device_fast_spectrum(clear.device)
+    assert fast is not None
+    for x in (clear, deficient, torch.cat([clear[:20], deficient]), torch.from_numpy(knife_edge_images()).cuda()):
+        certified = certified_svd_rank(x, THRESHOLDS, fast)
+        assert torch.equal(certified.ranks, reference_ranks(x)), "gesvda path != float64 Gram + eigvalsh on CUDA"
+        assert torch.equal(certified.ranks.cpu(), reference_ranks(x.cpu()))
+        assert torch.equal(svd_rank(x), certified.ranks)
+    assert not certified_svd_rank(clear, THRESHOLDS, fast).rechecked.any()
+    refused = certified_svd_rank(deficient, THRESHOLDS, fast).refused
+    assert refused.any(), "cuSOLVER accepted every rank-deficient matrix: the fallback went unexercised"
