@@ -3,11 +3,13 @@
     python3 bench/bench_input.py                        # 400 train / 100 val JPEGs, 20 s each, 1 and 2 workers
     python3 bench/bench_input.py --images 2000 --seconds 60 --workers 1 2 4 --folder /data/bench-jpegs
     python3 bench/bench_input.py --images 80 --seconds 3 --workers 1 --json /tmp/input_smoke.json  # smoke test
+    python3 bench/bench_input.py --image-size 1000x750   # larger JPEGs: crops >= 2x the output decode at 1/2 or less
 
 Data: an ImageFolder of ImageNet-like JPEGs (``root/train/<class>/<i>.jpg``, ``root/val/<class>/<i>.jpg``),
-10 classes, 500x375 RGB, quality 90, about 80 KB each; smooth colour gradients, a few ellipses and rectangles,
-multi-scale texture and mild noise, deterministic from ``--seed``. Written once into ``--folder`` (default: a
-folder in the system temp dir named for the image count and seed) and reused while its spec.json matches.
+10 classes, 500x375 RGB (``--image-size``), quality 90, about 80 KB each; smooth colour gradients, a few
+ellipses and rectangles, multi-scale texture and mild noise, deterministic from ``--seed``. Written once into
+``--folder`` (default: a folder in the system temp dir named for the image count, seed and a non-default size)
+and reused while its spec.json matches.
 
 Measured, each at every loader ``num_workers`` in ``--workers`` (batch 64, 224 px): images per second delivered
 by the loader over about ``--seconds`` seconds after one warm-up batch (worker start-up is in the warm-up; epoch
@@ -16,6 +18,11 @@ restarts are in the figure; the clock stops at the last batch delivered). Pipeli
 - encmm train: ``build_datasets`` + ``build_loaders`` for ``DataConfig(name="imagefolder", augment="deit")``
   (DeiT recipe: RandAugment, colour jitter, random erasing, bicubic random-resized crop; DistributedSampler).
 - encmm eval: the val loader of the same call (resize + centre crop), cycled.
+- encmm train / eval, fast pipeline: the same with ``data.pipeline=fast`` (JPEG decoded at a reduced DCT scale
+  where the crop allows, uint8 out of the workers, normalisation and random erasing in the main process).
+- encmm train, Ray Data loader: the encmm train loader with ``data.loader=ray_data``: read, decode and augment
+  in Ray Data tasks of a local Ray cluster the bench starts with as many CPUs as loader workers (this process
+  iterates, as a Train worker would); also given against the in-worker DataLoader ("encmm train") of this run.
 - timm create_loader: ``timm.data.ImageDataset`` + ``create_loader`` with the same recipe, prefetcher on and
   ``device=cpu`` (uint8 collation in the workers; normalisation and random erasing in the main process). If
   the prefetcher fails on CPU it is measured without it and the label says so. Its posterize ops get encmm's
@@ -24,9 +31,10 @@ restarts are in the figure; the clock stops at the last batch delivered). Pipeli
   shuffled ``DataLoader`` (drop_last, persistent workers).
 - decode only (reference): PIL open + ``convert("RGB")`` of every file in turn, single process.
 
-Reported: images/s, images/s per loader worker ("per core"; the main process, which collates and for timm
-normalises, is not counted as a core), each pipeline against bare DataLoader at the same worker count, and each
-worker count against the smallest one for the same pipeline. All ratios come from measurements of this run.
+Reported: images/s, images/s per loader worker ("per core"; the main process, which collates and for timm and the
+fast pipeline normalises and erases, work a GPU does in training, is not counted as a core), each pipeline
+against bare DataLoader at the same worker count, and each worker count against the smallest one for the same
+pipeline. All ratios come from measurements of this run.
 Take figures on an otherwise idle machine with at least max(--workers) + 1 free cores: loader workers compete
 with anything else running. Prints a table; writes JSON (with machine info) to --json.
 """
@@ -60,7 +68,7 @@ from encmm.trainables.config import DataConfig
 from encmm.trainables.data import build_datasets, build_deit_transforms, build_loaders, fix_zero_bit_posterize
 
 CLASSES = 10
-WIDTH, HEIGHT = 500, 375
+IMAGE_SIZE = (500, 375)  # (width, height) of the generated JPEGs unless --image-size
 JPEG_QUALITY = 90
 BATCH_SIZE = 64
 IMG_SIZE = 224
@@ -74,34 +82,38 @@ MIN_IMAGES = max(BATCH_SIZE, 4 * CLASSES)
 EpochBatches = Callable[[int], Iterable]
 
 
-def texture_octave(rng: np.random.Generator, divisor: int) -> np.ndarray:
+def texture_octave(rng: np.random.Generator, divisor: int, size: tuple[int, int]) -> np.ndarray:
     """Gaussian noise on a grid ``divisor`` times coarser than the image, bicubic-upsampled: ``[H, W]``."""
-    grid = rng.normal(0.0, 1.0, (max(2, HEIGHT // divisor), max(2, WIDTH // divisor))).astype(np.float32)
-    return np.asarray(Image.fromarray(grid).resize((WIDTH, HEIGHT), Image.BICUBIC))
+    width, height = size
+    grid = rng.normal(0.0, 1.0, (max(2, height // divisor), max(2, width // divisor))).astype(np.float32)
+    return np.asarray(Image.fromarray(grid).resize(size, Image.BICUBIC))
 
 
-def natural_like_image(rng: np.random.Generator) -> Image.Image:
-    """Smooth colour gradients, a few filled ellipses/rectangles, multi-scale texture and mild noise."""
+def natural_like_image(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE) -> Image.Image:
+    """Smooth colour gradients, a few filled ellipses/rectangles, multi-scale texture and mild noise; ``size``
+    is (width, height). Shapes keep their 500x375 pixel sizes at any image size."""
+    width, height = size
     corners = rng.uniform(0, 255, (3, 4, 3)).astype(np.uint8)
-    image = Image.fromarray(corners, "RGB").resize((WIDTH, HEIGHT), Image.BICUBIC)
+    image = Image.fromarray(corners, "RGB").resize(size, Image.BICUBIC)
     draw = ImageDraw.Draw(image)
     for _ in range(rng.integers(4, 10)):
-        x0, y0 = rng.uniform(-50, WIDTH), rng.uniform(-50, HEIGHT)
+        x0, y0 = rng.uniform(-50, width), rng.uniform(-50, height)
         box = [x0, y0, x0 + rng.uniform(20, 250), y0 + rng.uniform(20, 200)]
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.6 else draw.rectangle)(box, fill=colour)
     pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0))).astype(np.float32)
-    pixels += sum(amplitude * texture_octave(rng, divisor) for divisor, amplitude in TEXTURE_OCTAVES)[..., None]
+    octaves = (amplitude * texture_octave(rng, divisor, size) for divisor, amplitude in TEXTURE_OCTAVES)
+    pixels += sum(octaves)[..., None]
     pixels += rng.normal(0.0, PIXEL_NOISE, pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def image_folder_spec(train_images: int, val_images: int, seed: int) -> dict:
+def image_folder_spec(train_images: int, val_images: int, seed: int, size: tuple[int, int]) -> dict:
     return dict(
         classes=CLASSES,
         train_per_class=train_images // CLASSES,
         val_per_class=val_images // CLASSES,
-        size=[WIDTH, HEIGHT],
+        size=list(size),
         quality=JPEG_QUALITY,
         octaves=TEXTURE_OCTAVES,
         noise=PIXEL_NOISE,
@@ -109,9 +121,12 @@ def image_folder_spec(train_images: int, val_images: int, seed: int) -> dict:
     )
 
 
-def ensure_image_folder(root: Path, train_images: int, val_images: int, seed: int) -> Path:
-    """Write the ImageFolder under ``root`` unless its spec.json already matches; returns ``root``."""
-    spec = json.loads(json.dumps(image_folder_spec(train_images, val_images, seed)))
+def ensure_image_folder(
+    root: Path, train_images: int, val_images: int, seed: int, size: tuple[int, int] = IMAGE_SIZE
+) -> Path:
+    """Write the ImageFolder of ``size`` (w, h) JPEGs under ``root`` unless its spec.json already matches;
+    returns ``root``."""
+    spec = json.loads(json.dumps(image_folder_spec(train_images, val_images, seed, size)))
     marker = root / "spec.json"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return root
@@ -129,7 +144,7 @@ def ensure_image_folder(root: Path, train_images: int, val_images: int, seed: in
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 rng = np.random.default_rng([seed, split_index, label, i])
-                natural_like_image(rng).save(folder / f"{i}.jpg", "JPEG", quality=JPEG_QUALITY)
+                natural_like_image(rng, size).save(folder / f"{i}.jpg", "JPEG", quality=JPEG_QUALITY)
     marker.write_text(json.dumps(spec))
     print(f"wrote {root} in {time.perf_counter() - started:.1f} s")
     return root
@@ -183,7 +198,7 @@ def measure_decode(files: list[Path], seconds: float) -> dict:
     return dict(images=images, seconds=end - start, images_per_s=images / (end - start))
 
 
-def encmm_config(root: Path, workers: int) -> DataConfig:
+def encmm_config(root: Path, workers: int, pipeline: str = "standard") -> DataConfig:
     return DataConfig(
         name="imagefolder",
         root=str(root),
@@ -191,17 +206,40 @@ def encmm_config(root: Path, workers: int) -> DataConfig:
         batch_size=BATCH_SIZE,
         num_workers=workers,
         augment="deit",
+        pipeline=pipeline,
     )
 
 
-def measure_encmm(root: Path, workers: int, seconds: float) -> dict[str, dict]:
-    """encmm's train and val loaders, from one ``build_loaders`` call."""
-    cfg = encmm_config(root, workers)
-    train, val = build_loaders(cfg, build_datasets(cfg), seed=0)
+def measure_encmm(root: Path, workers: int, seconds: float, pipeline: str) -> dict[str, dict]:
+    """encmm's train and val loaders for one ``data.pipeline``, from one ``build_loaders`` call (device: CPU)."""
+    cfg = encmm_config(root, workers, pipeline)
+    train, val = build_loaders(cfg, build_datasets(cfg), seed=0, device=torch.device("cpu"))
     train_result = measure_loader(epochs_of(train), seconds)
     del train  # its worker processes stop before the val loader is timed
     gc.collect()
-    return {"encmm train": train_result, "encmm eval": measure_loader(epochs_of(val), seconds)}
+    suffix = "" if pipeline == "standard" else f", {pipeline} pipeline"
+    return {f"encmm train{suffix}": train_result, f"encmm eval{suffix}": measure_loader(epochs_of(val), seconds)}
+
+
+RAY_DATA_LABEL = "encmm train, Ray Data loader"
+
+
+def measure_ray_data(root: Path, workers: int, seconds: float) -> dict:
+    """encmm's train loader with ``data.loader=ray_data`` on a local Ray cluster of ``workers`` CPUs (one Ray
+    Data task per CPU at a time, as ``workers`` loader processes), started for this measurement and stopped."""
+    import logging
+
+    import ray
+    import ray.data  # configures its loggers on import: quieten them after
+
+    ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no line per epoch (80 images: one per batch)
+    try:
+        cfg = encmm_config(root, workers).model_copy(update={"loader": "ray_data"})
+        train, _ = build_loaders(cfg, build_datasets(cfg), seed=0)
+        return measure_loader(epochs_of(train), seconds)
+    finally:
+        ray.shutdown()
 
 
 def timm_loader(root: Path, workers: int, use_prefetcher: bool):
@@ -248,7 +286,16 @@ def measure_bare(root: Path, workers: int, seconds: float) -> dict:
 
 def measure_pipelines(root: Path, workers: int, seconds: float) -> list[dict]:
     """Every loader pipeline at one worker count; loaders (and their worker processes) are freed after each."""
-    rows = [dict(pipeline=name, **result) for name, result in measure_encmm(root, workers, seconds).items()]
+    rows = []
+    for pipeline in ("standard", "fast"):
+        rows += [
+            dict(pipeline=name, **result) for name, result in measure_encmm(root, workers, seconds, pipeline).items()
+        ]
+        gc.collect()
+    rows.append(dict(pipeline=RAY_DATA_LABEL, **measure_ray_data(root, workers, seconds)))
+    in_worker = next(row["images_per_s"] for row in rows if row["pipeline"] == "encmm train")
+    rows[-1]["vs_dataloader"] = rows[-1]["images_per_s"] / in_worker
+    print(f"  {RAY_DATA_LABEL} / in-worker DataLoader, {workers} workers: {rows[-1]['vs_dataloader']:.2f}x")
     gc.collect()
     timm_label, timm_result = measure_timm(root, workers, seconds)
     rows.append(dict(pipeline=timm_label, **timm_result))
@@ -309,6 +356,14 @@ def machine_info() -> dict:
     )
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """``"1000x750"`` -> (1000, 750): width x height of the generated JPEGs."""
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 1000x750")
+    return int(width), int(height)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--images", type=int, default=400, help="train images (val: a quarter as many)")
@@ -316,6 +371,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="loader num_workers to measure")
     parser.add_argument("--folder", type=Path, default=None, help="ImageFolder root (default: in the temp dir)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    parser.add_argument(
+        "--image-size", type=image_size, default=IMAGE_SIZE, help="WxH of the generated JPEGs (default 500x375)"
+    )
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "input.json")
     args = parser.parse_args()
     if args.images < MIN_IMAGES:
@@ -323,13 +381,17 @@ def parse_args() -> argparse.Namespace:
     if min(args.workers) < 1:
         parser.error("--workers must be >= 1 (persistent workers)")
     args.workers = sorted(set(args.workers))
-    args.folder = args.folder or Path(tempfile.gettempdir()) / f"encmm-bench-input-n{args.images}-s{args.seed}"
+    width, height = args.image_size
+    name = f"encmm-bench-input-n{args.images}-s{args.seed}" + (
+        "" if args.image_size == IMAGE_SIZE else f"-{width}x{height}"
+    )
+    args.folder = args.folder or Path(tempfile.gettempdir()) / name
     return args
 
 
 def main() -> None:
     args = parse_args()
-    root = ensure_image_folder(args.folder, args.images, args.images // 4, args.seed)
+    root = ensure_image_folder(args.folder, args.images, args.images // 4, args.seed, args.image_size)
     files = image_files(root)
     mean_kb = sum(f.stat().st_size for f in files) / len(files) / 1000
     print(f"{root}: {len(files)} JPEGs, {mean_kb:.1f} KB mean; {args.seconds:g} s per measurement", flush=True)
@@ -352,6 +414,7 @@ def main() -> None:
                 "seconds": args.seconds,
                 "batch_size": BATCH_SIZE,
                 "img_size": IMG_SIZE,
+                "image_size": list(args.image_size),
                 "workers": args.workers,
                 "decode_only": decode,
                 "results": rows,

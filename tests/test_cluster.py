@@ -1,11 +1,13 @@
 """A real two-node Ray cluster on this machine, started by the README's own cluster commands, tracked in a
 real `mlflow server` started by the README's own server command: trials spread over the nodes, and a node
-SIGKILLed mid-trial costs that trial at most its epoch in flight.
+SIGKILLed mid-trial costs that trial at most its epoch in flight. With ``data.loader=ray_data``, Ray Data tasks on
+one node feed the Train worker on the other.
 
 The README's lines (section "Pointing encmm at a cluster") are read from README.md and run as written, with
 only these changes for one small machine: ``<head-ip>`` is 127.0.0.1, the ports 6379 and 5000 are free ones,
 ``/shared`` is the test's folder; ``ray start`` also gets ``--num-cpus=1 --node-ip-address=127.0.0.1
---disable-usage-stats`` (two 1-CPU nodes on loopback) and a ``RAY_TMPDIR`` of its own, ``mlflow server``
+--disable-usage-stats`` (two 1-CPU nodes on loopback; the head a free ``--dashboard-port``) and a ``RAY_TMPDIR`` of
+its own, ``mlflow server``
 ``--workers 1``; ``encmm`` runs the test's tiny configs with the README's ``--address`` and environment (the
 README's ``--set`` values ask for GPUs). Environment variables are only those the README's lines set: a README
 that forgot token authentication fails here (the second node cannot join).
@@ -110,17 +112,21 @@ class TwoNodes:
         self.head: set[int] = set()
         self.second: set[int] = set()
 
-    def ray_start(self, env: dict, words: list[str]) -> set[int]:
-        """The README's ``ray start ...`` (``words``); returns the PIDs of the processes it left running."""
+    def ray_start(self, env: dict, words: list[str], *extra: str) -> set[int]:
+        """The README's ``ray start ...`` (``words``, then ``extra``); returns the PIDs of the processes it left
+        running."""
         assert words[:2] == ["ray", "start"], words
         before = cluster_processes(self.temp_dir)
-        command = [*RAY, *words[1:], *self.common]
+        command = [*RAY, *words[1:], *self.common, *extra]
         done = subprocess.run(command, env={**self.base_env, **env}, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"{shlex.join(words)} failed:\n{done.stderr[-2000:]}"
         return cluster_processes(self.temp_dir) - before
 
     def start_head(self) -> None:
-        self.head = self.ray_start(*readme_command(CLUSTER, "ray", "start", "--head"))
+        # A dashboard port of its own: the session's local cluster (`ray_cluster`) may hold Ray's default 8265,
+        # and a head whose dashboard cannot bind starts without it (no state API: `ray.util.state` fails).
+        words = readme_command(CLUSTER, "ray", "start", "--head")
+        self.head = self.ray_start(*words, f"--dashboard-port={free_port()}")
 
     def start_second(self) -> None:
         self.second = self.ray_start(*readme_command(CLUSTER, "ray", "start", f"--address={self.address}"))
@@ -348,3 +354,53 @@ def test_diagnose_sharded_over_both_nodes_gives_the_numbers_of_one_node(two_node
     two = json.loads((tmp_path / "two-nodes" / "diagnostics.json").read_text())
     assert two["num_images"] == 30 and len(two["layers"]) == 2
     assert_same_numbers(two, one)  # integer ranks identical, floats to round-off
+
+
+RAY_DATA_TASKS = """
+import json, ray
+from ray.util.state import list_actors, list_tasks
+ray.init(address={address!r}, logging_level="ERROR")
+workers = [a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)]
+tasks = [t.node_id for t in list_tasks(limit=10000) if "load_samples" in t.name]  # any attempt, any state
+print(json.dumps({{"workers": workers, "tasks": tasks}}))
+"""
+
+
+def test_ray_data_tasks_on_one_node_feed_the_train_worker_on_the_other(two_nodes, tmp_path):
+    """`encmm train` with ``data.loader=ray_data`` on a JPEG ImageFolder: the one Train worker takes the only CPU
+    of its node, so every Ray Data task (read, decode, augment) must run on the other node; Ray's task records
+    say where each ran, and the run ends FINISHED."""
+    from mlflow.tracking import MlflowClient
+    from test_deit_recipe import write_jpeg_folder
+
+    two_nodes.ensure_second()
+    write_jpeg_folder(tmp_path / "images", classes=2, train=16, val=4)
+    config = write_yaml(
+        tmp_path / "ray-data.yaml",
+        {
+            **TINY_BASE,
+            "name": "ray-data-two-nodes",
+            "data": {"name": "imagefolder", "root": str(tmp_path / "images"), "img_size": 16, "batch_size": 8},
+            "resources": {"workers": 1, "cpus_per_worker": 1},  # the whole of one node
+        },
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # both nodes are this machine: no server needed
+    proc = start_on_cluster(two_nodes, tmp_path, uri, "train", str(config), "--set", "data.loader=ray_data")
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("encmm").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["data.loader"] == "ray_data"
+    code = RAY_DATA_TASKS.format(address=two_nodes.address)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=two_nodes.env, capture_output=True, text=True, timeout=120, check=True
+    )
+    where = json.loads(done.stdout.strip().splitlines()[-1])
+    (worker_node,) = set(where["workers"])
+    # One epoch of 32 train and 8 val images: at least one task for each split, every one placed on a node.
+    assert len(where["tasks"]) >= 2 and None not in where["tasks"], where
+    assert worker_node not in where["tasks"], "a Ray Data task ran on the Train worker's node"

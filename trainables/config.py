@@ -50,12 +50,26 @@ class DataConfig(_Strict):
     random_erasing: float = Field(0.25, ge=0, le=1)
     crop_pct: float = Field(0.875, gt=0, le=1)
     repeated_aug: bool = False
+    loader: Literal["dataloader", "ray_data"] = Field(
+        "dataloader",
+        description="imagefolder: who reads, decodes and augments; dataloader = num_workers processes beside "
+        "each Train worker; ray_data = Ray Data tasks on any node with a free CPU (CPU-only nodes feed GPU "
+        "nodes), same samples, order and shards (trainables/ray_data_input.py); needs Ray (encmm train/sweep)",
+    )
     synthetic_samples: int = Field(256, gt=0)
     synthetic_classes: int = Field(4, gt=1)
     on_bad_image: Literal["error", "skip"] = Field(
         "error",
         description="imagefolder: an image file that cannot be decoded stops the run with an error "
         "naming it, or is skipped (replaced by the next image) and counted in data/skipped_images",
+    )
+    pipeline: Literal["standard", "fast"] = Field(
+        "standard",
+        description="imagefolder input path, same recipe either way: standard = timm's create_transform in "
+        "the loader workers (float32 out, normalised and randomly erased there); fast = JPEGs decoded at a "
+        "reduced DCT scale where the random crop allows (PIL draft), uint8 images out of the workers, "
+        "normalisation and random erasing on the training device (timm PrefetchLoader); "
+        "digits/synthetic/timm datasets: no effect",
     )
 
     @model_validator(mode="after")
@@ -64,6 +78,10 @@ class DataConfig(_Strict):
             raise ValueError("data.root is required for data.name=imagefolder")
         if self.name == "timm" and not self.dataset:
             raise ValueError("data.dataset is required for data.name=timm")
+        if self.loader == "ray_data" and self.name != "imagefolder":
+            raise ValueError(
+                f"data.loader=ray_data reads an ImageFolder (data.name=imagefolder); data.name is {self.name}"
+            )
         return self
 
 

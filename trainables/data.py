@@ -3,6 +3,10 @@
 Digits is scikit-learn's 8x8 digits (1,797 real images, 10 classes), which ships inside the
 installed scikit-learn package: no download. Images are upsampled once to ``img_size`` and
 repeated to 3 channels so any timm model takes them.
+
+An ImageFolder has two input paths with one recipe (``data.pipeline``): ``standard`` runs timm's
+``create_transform`` in the loader workers; ``fast`` decodes each JPEG at a reduced DCT scale where
+the crop allows, ships uint8 images and normalises and erases on the training device.
 """
 
 from __future__ import annotations
@@ -32,11 +36,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class DataBundle:
+    """Train and val datasets of ``[3, S, S]`` images: float32 normalised with ``mean``/``std``, or with
+    ``uint8`` set, 0-255 uint8 that the loaders of :func:`build_loaders` normalise on the device."""
+
     train: Dataset
     val: Dataset
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    uint8: bool = False
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` images of these datasets -> float32 normalised with ``mean``/``std``."""
+        return normalised(images, self.mean, self.std)
+
+
+def normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """``[B, 3, S, S]`` images as the model takes them: uint8 0-255 ones (``data.pipeline=fast`` datasets) are
+    scaled to [0, 1] and normalised with ``mean``/``std``; float ones are taken to be normalised already."""
+    if images.is_floating_point():
+        return images
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
 
 
 class TensorImageDataset(Dataset):
@@ -157,10 +179,20 @@ def fix_zero_bit_posterize(transform: Callable) -> Callable:
     return transform
 
 
-def build_deit_transforms(cfg: DataConfig, mean, std):
+RANDOM_ERASING_MODE = "pixel"  # DeiT: per-pixel normal noise in normalised space, one box
+RANDOM_ERASING_COUNT = 1
+
+
+def random_erasing_probability(cfg: DataConfig) -> float:
+    return cfg.random_erasing if cfg.augment == "deit" else 0.0
+
+
+def build_deit_transforms(cfg: DataConfig, mean, std, *, uint8: bool = False):
     """DeiT recipe through timm: RandAugment, colour jitter, random erasing, bicubic RRC; eval resize+crop.
 
-    timm's posterize ops are swapped for ``posterize_keeping_zero_bits`` (Pillow >= 13 refuses 0 bits).
+    ``uint8``: timm's prefetcher form of the same transforms, ending in a ``[3, S, S]`` uint8 tensor; the
+    loader normalises and erases on the device (:func:`build_loaders`). timm's posterize ops are swapped for
+    ``posterize_keeping_zero_bits`` (Pillow >= 13 refuses 0 bits).
     """
     from timm.data import create_transform
 
@@ -169,17 +201,131 @@ def build_deit_transforms(cfg: DataConfig, mean, std):
         is_training=True,
         auto_augment=cfg.auto_augment if cfg.augment == "deit" else None,
         color_jitter=cfg.color_jitter if cfg.augment == "deit" else None,
-        re_prob=cfg.random_erasing if cfg.augment == "deit" else 0.0,
-        re_mode="pixel",
-        re_count=1,
+        re_prob=random_erasing_probability(cfg),
+        re_mode=RANDOM_ERASING_MODE,
+        re_count=RANDOM_ERASING_COUNT,
         interpolation="bicubic",
         mean=mean,
         std=std,
+        use_prefetcher=uint8,
     )
     eval_tf = create_transform(
-        cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=cfg.crop_pct, mean=mean, std=std
+        cfg.img_size,
+        is_training=False,
+        interpolation="bicubic",
+        crop_pct=cfg.crop_pct,
+        mean=mean,
+        std=std,
+        use_prefetcher=uint8,
     )
     return fix_zero_bit_posterize(train_tf), eval_tf
+
+
+def decode_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The standard path's decode: the whole image at full size, as RGB."""
+    return image.convert("RGB")
+
+
+def draft_scale(region: tuple[float, float], size: tuple[int, int]) -> int:
+    """Largest JPEG DCT scale denominator (8, 4, 2; else 1) at which a ``region`` (w, h) of the full-size
+    image still covers the output ``size`` (w, h) on both sides: the reduced decode then only does part of a
+    downsampling the resize does anyway, and upsamples nothing the full-size path would not."""
+    for scale in (8, 4, 2):
+        if region[0] / scale >= size[0] and region[1] / scale >= size[1]:
+            return scale
+    return 1
+
+
+def decode_region_resized(
+    image: PIL.Image.Image, box: tuple[float, float, float, float], size: tuple[int, int], resample: int
+) -> PIL.Image.Image:
+    """The region ``box`` (left, top, right, bottom; full-size pixels) of ``image`` resized to ``size`` (w, h), RGB.
+
+    ``image`` straight from ``Image.open`` is not decoded yet: a JPEG is then decoded at the reduced scale of
+    :func:`draft_scale` (``Image.draft``) and ``box`` mapped onto the reduced image. ``resize(box=...)``
+    reads the region in place instead of copying a crop first; its filter may read up to a filter radius
+    past the box edge, where a crop-then-resize clamps (a few boundary pixels differ by a few levels).
+    """
+    width = image.width
+    scale = draft_scale((box[2] - box[0], box[3] - box[1]), size)
+    if scale > 1:
+        drafted = image.draft(image.mode, (image.width // scale, image.height // scale))
+        # draft picks the scale itself (None: not a JPEG, or already decoded): read it off its box
+        scale = width / drafted[1][2] if drafted else 1
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return rgb.resize(size, resample, box=tuple(edge / scale for edge in box))
+
+
+class DraftRandomResizedCrop:
+    """timm's ``RandomResizedCropAndInterpolation`` on a not-yet-decoded image, decoding at reduced size.
+
+    The crop is drawn by timm's own ``get_params`` on the full-size image (its size is known before
+    decoding), with the same random calls in the same order, so the crop distribution and the random
+    streams of every later op are timm's; only the resampling path differs (:func:`decode_region_resized`).
+    """
+
+    def __init__(self, crop):
+        self.crop = crop  # timm RandomResizedCropAndInterpolation: size (h, w), scale, ratio, interpolation
+
+    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        import random
+
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        interpolation = self.crop.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = random.choice(interpolation)
+        out_h, out_w = self.crop.size
+        box = (left, top, left + width, top + height)
+        return decode_region_resized(image, box, (out_w, out_h), pil_modes_mapping[interpolation])
+
+
+class DraftResizeCenterCrop:
+    """torchvision ``Resize(shorter side)`` + ``CenterCrop`` as one resize of the centre region, decoding at
+    reduced size where the reduced image is still >= the resize target.
+
+    The resized size and crop offsets are torchvision's formulas (long side ``int(size * long / short)``,
+    offset ``int(round((resized - crop) / 2))``); the region maps them back to full-size pixels, so each
+    output pixel has the same centre and filter support as in resize-then-crop.
+    """
+
+    def __init__(self, resize, crop):
+        sizes = [resize.size] if isinstance(resize.size, int) else list(resize.size)
+        if len(sizes) != 1 or resize.max_size is not None:
+            raise ValueError(f"{resize}: only a resize of the shorter side is decoded at reduced size")
+        self.resize_to = sizes[0]
+        self.interpolation = resize.interpolation
+        self.crop_h, self.crop_w = crop.size
+
+    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        width, height = image.size
+        long_side = int(self.resize_to * max(width, height) / min(width, height))
+        new_w, new_h = (self.resize_to, long_side) if width <= height else (long_side, self.resize_to)
+        top = int(round((new_h - self.crop_h) / 2.0))
+        left = int(round((new_w - self.crop_w) / 2.0))
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + self.crop_w) * sx, (top + self.crop_h) * sy)
+        return decode_region_resized(image, box, (self.crop_w, self.crop_h), pil_modes_mapping[self.interpolation])
+
+
+def split_decode_stage(transform) -> tuple[Callable, Callable]:
+    """A timm train or eval Compose -> (decode stage for a not-yet-decoded image, the remaining ops).
+
+    Train: its ``RandomResizedCropAndInterpolation`` becomes :class:`DraftRandomResizedCrop`; eval: its
+    ``Resize`` + ``CenterCrop`` become :class:`DraftResizeCenterCrop`. Every later op is timm's, unchanged.
+    """
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms
+
+    ops = list(transform.transforms)
+    if isinstance(ops[0], RandomResizedCropAndInterpolation):
+        return DraftRandomResizedCrop(ops[0]), transforms.Compose(ops[1:])
+    if isinstance(ops[0], transforms.Resize) and isinstance(ops[1], transforms.CenterCrop):
+        return DraftResizeCenterCrop(ops[0], ops[1]), transforms.Compose(ops[2:])
+    raise ValueError(f"no crop stage to decode at reduced size in {transform}")
 
 
 class BadImageError(RuntimeError):
@@ -191,7 +337,9 @@ def _checked_image_dataset():
 
     timm retries the next sample and only logs a warning; encmm either stops with an error naming the
     file (``error``) or skips it and counts it (``skip``; the count is shared with loader worker processes
-    and reported per epoch as ``data/skipped_images``). Defined lazily: importing timm costs seconds.
+    and reported per epoch as ``data/skipped_images``). ``decode`` turns the opened, not yet decoded file
+    into the image ``transform`` takes (:func:`decode_rgb`, or a reduced-size decode stage of
+    :func:`split_decode_stage`); the policy covers it. Defined lazily: importing timm costs seconds.
     """
     import multiprocessing
 
@@ -199,16 +347,17 @@ def _checked_image_dataset():
     from timm.data import ImageDataset
 
     class CheckedImageDataset(ImageDataset):
-        def __init__(self, root: str, *, on_bad_image: str, transform=None):
+        def __init__(self, root: str, *, on_bad_image: str, transform=None, decode: Callable = decode_rgb):
             super().__init__(root, transform=transform)
             self.on_bad_image = on_bad_image
+            self.decode = decode
             self._skipped = multiprocessing.Value("i", 0)
 
         def _load(self, index: int):
             path, target = self.reader.samples[index]
             try:
                 with Image.open(path) as image:
-                    return image.convert("RGB"), target
+                    return self.decode(image), target
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 if self.on_bad_image == "error":
                     raise BadImageError(
@@ -241,12 +390,16 @@ def build_timm_dataset(cfg: DataConfig) -> DataBundle:
     from timm.data import create_dataset
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    train_tf, eval_tf = build_deit_transforms(cfg, mean, std)
+    fast = cfg.name == "imagefolder" and cfg.pipeline == "fast"
+    train_tf, eval_tf = build_deit_transforms(cfg, mean, std, uint8=fast)
     if cfg.name == "imagefolder":
         checked = _checked_image_dataset()
-        train = checked(str(Path(cfg.root) / "train"), on_bad_image=cfg.on_bad_image, transform=train_tf)
-        val = checked(str(Path(cfg.root) / "val"), on_bad_image=cfg.on_bad_image, transform=eval_tf)
-        return DataBundle(train, val, count_classes(train), mean, std)
+        split = [split_decode_stage(tf) if fast else (decode_rgb, tf) for tf in (train_tf, eval_tf)]
+        train, val = (
+            checked(str(Path(cfg.root) / folder), on_bad_image=cfg.on_bad_image, transform=tf, decode=decode)
+            for folder, (decode, tf) in zip(("train", "val"), split)
+        )
+        return DataBundle(train, val, count_classes(train), mean, std, uint8=fast)
     root = cfg.root or str(Path.cwd() / "data")
     train = create_dataset(
         cfg.dataset, root=root, split="train", is_training=True, download=cfg.download, transform=train_tf
@@ -285,11 +438,20 @@ def build_datasets(cfg: DataConfig) -> DataBundle:
 
 
 def build_loaders(
-    cfg: DataConfig, bundle: DataBundle, *, seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False
-) -> tuple[DataLoader, DataLoader]:
+    cfg: DataConfig,
+    bundle: DataBundle,
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    device: torch.device | None = None,
+):
     """Train loader reshuffles per epoch from (seed, epoch) only, so a resumed run sees the same order.
 
-    Call ``train_loader.sampler.set_epoch(epoch)`` before each epoch.
+    Call ``train_loader.sampler.set_epoch(epoch)`` before each epoch. A ``uint8`` bundle's loaders are
+    timm ``PrefetchLoader``s: uint8 ``[B, 3, S, S]`` batches are moved to ``device`` (default CPU) and
+    normalised there, the train ones randomly erased there too; they keep ``sampler``, ``dataset``, ``len``.
     """
     if cfg.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
@@ -303,6 +465,20 @@ def build_loaders(
     val_sampler = range(rank, len(bundle.val), world_size)
     workers = cfg.num_workers
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    if bundle.uint8:
+        from timm.data.loader import fast_collate
+
+        common["collate_fn"] = fast_collate
     train = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True, **common)
     val = DataLoader(bundle.val, batch_size=cfg.eval_batch_size or cfg.batch_size, sampler=val_sampler, **common)
-    return train, val
+    if cfg.loader == "ray_data":  # same samplers and datasets; batches made in Ray Data tasks, not loader workers
+        from encmm.trainables.ray_data_input import ray_data_loaders
+
+        train, val = ray_data_loaders(train, val, seed=seed)
+    if not bundle.uint8:
+        return train, val
+    from timm.data.loader import PrefetchLoader
+
+    on_device = dict(mean=bundle.mean, std=bundle.std, device=device or torch.device("cpu"))
+    erasing = dict(re_prob=random_erasing_probability(cfg), re_mode=RANDOM_ERASING_MODE, re_count=RANDOM_ERASING_COUNT)
+    return PrefetchLoader(train, **on_device, **erasing), PrefetchLoader(val, **on_device)

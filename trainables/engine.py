@@ -144,8 +144,8 @@ def setup_training(
 
     ``wrap_model`` wraps the trainable module for distributed training (e.g. DDP); the teacher is
     never wrapped. ``teacher_checkpoint`` is the local file of a ``teacher.source=run`` teacher.
-    ``data`` is your own dataset pair (images ``[3, S, S]`` normalised with its ``mean``/``std``, S =
-    ``cfg.data.img_size``; ``num_classes`` sizes the student's head) used instead of
+    ``data`` is your own dataset pair (images ``[3, S, S]`` normalised with its ``mean``/``std``, or uint8
+    with ``uint8=True``, S = ``cfg.data.img_size``; ``num_classes`` sizes the student's head) used instead of
     ``build_datasets(cfg.data)``; ``cfg.data`` still sets the batch sizes and loader workers.
     """
     from timm.optim import create_optimizer_v2
@@ -155,7 +155,13 @@ def setup_training(
     seed_everything(cfg.seed)
     data = data if data is not None else build_datasets(cfg.data)
     train_loader, val_loader = build_loaders(
-        cfg.data, data, seed=cfg.seed, rank=rank, world_size=world_size, pin_memory=device.type == "cuda"
+        cfg.data,
+        data,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        pin_memory=device.type == "cuda",
+        device=device,  # data.pipeline=fast: batches are normalised (and erased) on it
     )
     teacher = None
     if cfg.kd.uses_teacher:
@@ -536,6 +542,9 @@ def fit(
 
     ``data``: your own :class:`~encmm.trainables.data.DataBundle` instead of the one ``cfg.data`` names
     (see :func:`setup_training`)."""
+    from encmm.trainables.preflight import check_in_process
+
+    check_in_process(cfg, "<TrainConfig>")
     state = setup_training(
         cfg,
         device=device or resolve_device(cfg.resources.gpus_per_worker),

@@ -23,7 +23,7 @@ def val_subset(cfg: TrainConfig, num_images: int) -> tuple[torch.Tensor, object]
     """The first ``num_images`` val images (a fixed subset, the same for every trial of a sweep)."""
     data = build_datasets(cfg.data)
     count = min(num_images, len(data.val))
-    images = torch.stack([data.val[i][0] for i in range(count)])
+    images = data.normalise(torch.stack([data.val[i][0] for i in range(count)]))  # uint8 ones: data.pipeline=fast
     return images, data
 
 

@@ -59,6 +59,17 @@ def _holds_an_image(folder: Path) -> bool:
     return any(p.suffix.lower() in extensions and p.is_file() for p in folder.rglob("*"))
 
 
+def check_in_process(cfg: TrainConfig, source: str) -> None:
+    """What an in-process run (``engine.fit``: no Ray, no MLflow) cannot do, refused before it builds anything."""
+    if cfg.data.loader == "ray_data":
+        _fail(
+            source,
+            "data.loader",
+            "ray_data runs its input tasks on a Ray cluster, and engine.fit trains in this process without Ray: "
+            "use data.loader=dataloader here, or encmm train / encmm sweep",
+        )
+
+
 def check_storage(cfg: TrainConfig, source: str) -> None:
     """A bucket for checkpoints must exist and be listable from here (credentials, endpoint) before a run."""
     uri = cfg.tracking.storage

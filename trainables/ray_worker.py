@@ -34,6 +34,7 @@ import torch
 
 from encmm.trainables import storage
 from encmm.trainables.config import TrainConfig
+from encmm.trainables.data import normalised
 from encmm.trainables.engine import (
     NonFiniteLossError,
     TrainingState,
@@ -152,15 +153,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
         return {NONFINITE_KEY: str(exc)}
     if tracked and storage.exists(best := storage.child(run_dir, BEST_FILE)):
         with tempfile.TemporaryDirectory() as tmp:
-            log.log_trained_model(storage.local_copy(best, Path(tmp)), example_images(state.val_loader.dataset))
+            example = example_images(state.val_loader.dataset, state.spec["mean"], state.spec["std"])
+            log.log_trained_model(storage.local_copy(best, Path(tmp)), example)
     return final
 
 
-def example_images(dataset, count: int = 2) -> torch.Tensor:
-    """The first ``count`` images of ``dataset`` as one CPU batch ``[count, 3, S, S]`` (repeated when it
-    holds fewer): the logged model's input example."""
-    images = [dataset[index % len(dataset)][0] for index in range(count)]
-    return torch.stack(images).float().cpu()
+def example_images(dataset, mean, std, count: int = 2) -> torch.Tensor:
+    """The first ``count`` images of ``dataset`` as one normalised float32 CPU batch ``[count, 3, S, S]``
+    (repeated when it holds fewer; uint8 images of ``data.pipeline=fast`` normalised with ``mean``/``std``):
+    the logged model's input example."""
+    images = [torch.as_tensor(dataset[index % len(dataset)][0]) for index in range(count)]
+    return normalised(torch.stack(images), mean, std).float().cpu()
 
 
 def build_trainer(
