@@ -7,9 +7,12 @@
 # - spectra: the diagnostics math on 1,000 images x 24 layers of 196x384: encmm's certified gesvda path
 #   (what `svd_rank` runs on CUDA) and its re-check counts, the float64 Gram + eigvalsh reference it must
 #   equal (37 s on an H100), and cuSOLVER's gesvda alone, without and with singular vectors;
-# - spectra_test: the `gpu`-marked test of tests/test_spectra.py (skipped where pytest or hypothesis is missing).
+# - spectra_test: the `gpu`-marked test of tests/test_spectra.py (skipped where pytest or hypothesis is missing);
+# - trial_throughput: the compiled CaiT-S24 -> DeiT-Tiny trial on generated JPEGs (DeiT recipe, 8 loader workers,
+#   data.pipeline standard and fast) against the same trial on on-device batches (bench/bench_trial_throughput.py).
 # Each stage has its own time limit, so a slow or failing stage still leaves the others' results; the
-# limits add up to ~12.5 minutes, the stages took ~6-7 minutes on an H100 (BENCHMARKS.md, section 5).
+# limits add up to ~16.5 minutes, more than one 10-minute device call: pick stages with STAGES (the first four
+# took ~6-7 minutes on an H100, BENCHMARKS.md section 5).
 #
 #   bash bench/gpu_check.sh                                         # results in ${OUT:-bench/results}
 #   STAGES="teacher_forward train_step_compiled" bash bench/gpu_check.sh   # some stages only
@@ -46,7 +49,7 @@ teacher_attention() {  # the faster compiled teacher forward of the teacher_forw
 json.load(open(sys.argv[1]))['results']}; print('fused' if r[('fused', True)] >= r[('timm', True)] else 'timm')" \
         "$out/teacher_forward.json" 2>/dev/null || echo auto
 }
-for name in ${STAGES:-teacher_forward train_step_compiled train_step_eager spectra spectra_test}; do
+for name in ${STAGES:-teacher_forward train_step_compiled train_step_eager spectra spectra_test trial_throughput}; do
     case $name in
     teacher_forward) stage teacher_forward 200 python3 bench/bench_teacher_forward.py --device cuda --compile both \
         --variants timm,fused --steps 20 --repeats 3 --json "$out/teacher_forward.json" ;;
@@ -60,6 +63,8 @@ for name in ${STAGES:-teacher_forward train_step_compiled train_step_eager spect
     spectra_test) if python3 -c "import pytest, hypothesis" 2>/dev/null; then
         stage spectra_test 60 python3 -m pytest -q -p no:cacheprovider tests/test_spectra.py -m gpu
     else echo "== spectra_test: skipped (no pytest or hypothesis here)"; fi ;;
+    trial_throughput) stage trial_throughput 240 python3 bench/bench_trial_throughput.py --device cuda --workers 8 \
+        --compile on --epochs 3 --json "$out/trial_throughput.json" ;;
     *) echo "!! unknown stage $name"; status=1 ;;
     esac
 done

@@ -148,3 +148,35 @@ def test_teacher_forward_bench_times_every_attention_variant(tmp_path):
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert rows.keys() == {"timm", "fused", "fused-expanded", "folded"} and all(r["img_s"] > 0 for r in rows.values())
     assert all(r["block_rel_error_fp32"] < 1e-5 for name, r in rows.items() if name != "timm")
+
+
+def test_trial_throughput_bench_measures_both_sides_of_each_pipeline(tmp_path):
+    """bench_trial_throughput.py on the CPU at a toy size: the real loader and on-device batches, one row per
+    pipeline, each with both img/s and their ratio."""
+    out = tmp_path / "trial.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_trial_throughput.py"),
+            *(
+                "--images",
+                "64",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--threads",
+                "1",
+            ),  # 6 JPEGs of each of 10 classes
+            *("--folder", str(tmp_path / "jpegs"), "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["pipeline"] for r in rows] == ["standard", "fast"]
+    for row in rows:
+        assert row["steps_per_epoch"] == 60 // 16 and row["jpeg_img_s"] > 0 and row["synthetic_img_s"] > 0
+        assert row["fraction"] == row["jpeg_img_s"] / row["synthetic_img_s"]
