@@ -1,6 +1,8 @@
 """Certified fast per-image SVD ranks: a fast spectrum (cuSOLVER's batched gesvda on CUDA) whose ranks are
-proven equal to the reference method's (`analysis.spectra.energy_spectrum`: float64 Gram + eigvalsh) by an
-a-posteriori error margin, the images inside that margin recomputed by the reference.
+certified equal to the reference method's (`analysis.spectra.energy_spectrum`: float64 Gram + eigvalsh) by an
+a-posteriori error margin, the images inside that margin recomputed by the reference. The margin is rigorous for
+the fast side; for the reference it rests on a stated model of LAPACK's eigensolver error (`gram_eigen_error`).
+Not yet timed on a GPU: `bench/gpu_check.sh` (stage spectra) measures it against the reference.
 
 Pure tensor math, as `analysis.spectra` (paper.md, Diagnostics 1): no I/O, no Ray. `spectra.svd_rank` takes this
 path on a device where `device_fast_spectrum` has one; the CPU keeps the reference (fastest there).
@@ -23,6 +25,7 @@ from encmm.analysis.spectra import (
     check_features,
     check_thresholds,
     cumulative_energy,
+    cumulative_sums,
     energy_spectrum,
     map_chunks,
     required_rank,
@@ -38,7 +41,7 @@ EIGEN_ERROR_FACTOR = 8.0
 # of ||X||_F^2 itself and of the norms in the bounds: relative errors below 1e-11).
 CERTIFY_SAFETY = 2.0
 _REFUSED_PIECE = 8  # a refused chunk is halved down to this many images, which the reference then computes
-_FAST_BATCH_BYTES = 1 << 30  # working set per chunk of the certified path on an accelerator (~270 images 196x384)
+_FAST_BATCH_BYTES = 1 << 30  # working set per chunk of the certified path on an accelerator (~320 images 196x384)
 
 
 class SpectrumBound(NamedTuple):
@@ -153,8 +156,9 @@ def svd_spectrum(chunk: Tensor, energy: Tensor, driver: str | None = "gesvda") -
 
 
 def device_fast_spectrum(device: torch.device) -> FastSpectrum | None:
-    """The fast spectrum that `svd_rank` certifies on `device`: batched gesvda where torch runs cuSOLVER
-    (29x faster than the reference on an H100, BENCHMARKS.md sec. 5); None elsewhere. On a CPU the reference is
+    """The fast spectrum that `svd_rank` certifies on `device`: batched gesvda where torch runs cuSOLVER (its
+    singular values alone took 1.29 s against the reference's 37 s for 24,000 images of 196x384 on an H100,
+    BENCHMARKS.md sec. 5; with the vectors this path needs, not timed yet); None elsewhere. On a CPU the reference is
     kept: the float32 Gram (`gram_spectrum`) is 2x faster, but its bound is too loose to certify any real image,
     so with the re-check it is 2x slower (bench_spectra.py, row encmm-certified-f32gram)."""
     if device.type == "cuda" and torch.version.cuda is not None:
@@ -164,18 +168,49 @@ def device_fast_spectrum(device: torch.device) -> FastSpectrum | None:
 
 def _fast_or_reference(fast: FastSpectrum, chunk: Tensor, energy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(energies `[b, K]`, error `[b]`, refused `[b]` bool) of a chunk `[b, N, C]`: `fast`'s; where it refuses
-    ("failed to converge"), its halves', down to `_REFUSED_PIECE` images, which the reference computes (error 0).
-    Any other error propagates."""
+    ("failed to converge"), `_refused_halves`'s. Any other error propagates."""
+    try:
+        return _fast_bound(fast, chunk, energy)
+    except _Refused:
+        return _refused_halves(fast, chunk, energy)
+
+
+class _Refused(Exception):
+    """`fast` refused a chunk: cuSOLVER's "failed to converge" (gesvda on rank-deficient matrices)."""
+
+
+def _fast_bound(fast: FastSpectrum, chunk: Tensor, energy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     try:
         bound = fast(chunk, energy)
-        return bound.energies, bound.error, torch.zeros_like(energy, dtype=torch.bool)
     except torch.linalg.LinAlgError as exc:
         if "failed to converge" not in str(exc):
             raise
+        raise _Refused from exc
+    return bound.energies, bound.error, torch.zeros_like(energy, dtype=torch.bool)
+
+
+def _reference(chunk: Tensor, energy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return energy_spectrum(chunk), torch.zeros_like(energy), torch.ones_like(energy, dtype=torch.bool)
+
+
+def _refused_halves(fast: FastSpectrum, chunk: Tensor, energy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A refused chunk: `fast` on each half; a refused half is halved again, down to `_REFUSED_PIECE` images,
+    which the reference computes. Where every half is refused too (a layer of rank-deficient images, such as a
+    Lift student's lifted map, rank <= its narrow width), the whole chunk goes to the reference at once: two
+    more refusals, not one per level."""
     if chunk.shape[0] <= _REFUSED_PIECE:
-        return energy_spectrum(chunk), torch.zeros_like(energy), torch.ones_like(energy, dtype=torch.bool)
+        return _reference(chunk, energy)
     half = (chunk.shape[0] + 1) // 2
-    parts = [_fast_or_reference(fast, *piece) for piece in zip(chunk.split(half), energy.split(half))]
+    pieces = list(zip(chunk.split(half), energy.split(half)))
+    parts: list = []
+    for piece in pieces:
+        try:
+            parts.append(_fast_bound(fast, *piece))
+        except _Refused:
+            parts.append(None)
+    if all(part is None for part in parts):
+        return _reference(chunk, energy)
+    parts = [part if part is not None else _refused_halves(fast, *piece) for part, piece in zip(parts, pieces)]
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
@@ -184,8 +219,7 @@ def _certify(
 ) -> tuple[Tensor, Tensor]:
     """(ranks `[b, P]` long from `energies` `[b, K]`, uncertain `[b]` bool): `certified_svd_rank`'s test."""
     k = energies.shape[-1]
-    cumulative = energies.cumsum(-1)
-    total = cumulative[..., -1]
+    cumulative, total = cumulative_sums(energies)
     cumulative = cumulative / total.unsqueeze(-1)  # as cumulative_energy, without its zero-energy error
     ranks = required_rank(cumulative, thresholds)
     steps = torch.arange(1, k + 1, dtype=torch.float64, device=energies.device)

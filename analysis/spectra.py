@@ -17,9 +17,10 @@ one matrix X_i in R^{N x C} per image.
 
 Ranks use a float64 Gram matrix of each image's smaller side and `torch.linalg.eigvalsh`: the squared
 singular values, exact enough that the integer ranks equal a float64 SVD's (a float32 Gram is not;
-stack.md). On CUDA, `svd_rank` takes cuSOLVER's batched gesvda spectra instead (about 29x faster) and
-certifies every image's ranks against that reference method with an a-posteriori error margin; the reference
-recomputes the images inside the margin and the chunks that gesvda refuses (`analysis.certified_ranks`).
+stack.md). On CUDA, `svd_rank` takes cuSOLVER's batched gesvda spectra instead (its singular values alone ran
+29x faster on an H100) and certifies every image's ranks against that reference method with an a-posteriori
+error margin; the reference recomputes the images inside the margin and the chunks that gesvda refuses
+(`analysis.certified_ranks`).
 
 One layer's report (`diagnose_layer`) is assembled by `layer_report`, `sep_report` and `layer_arrays`
 from per-image values and additive sums (`layer_values`, `image_sep_moments`, `permuted_sep_terms`,
@@ -163,11 +164,17 @@ def _batch_bytes(x: Tensor) -> int:
 
 def cumulative_energy(energies: Tensor) -> Tensor:
     """E_k = sum_{j<=k} e_j / sum_j e_j along the last dim, `[..., K]` -> `[..., K]` (last entry 1)."""
-    cumulative = energies.to(torch.float64).cumsum(-1)
-    total = cumulative[..., -1:]
+    cumulative, total = cumulative_sums(energies)
     if (total <= 0).any():
         raise ValueError("an image has zero energy: its rank is undefined")
-    return cumulative / total
+    return cumulative / total.unsqueeze(-1)
+
+
+def cumulative_sums(energies: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum_{j<=k} e_j `[..., K]`, the total `[...]`) in float64: what `cumulative_energy` divides, computed
+    once for it and for `certified_ranks`, so that both give the same E_k to the last bit."""
+    cumulative = energies.to(torch.float64).cumsum(-1)
+    return cumulative, cumulative[..., -1]
 
 
 def required_rank(cumulative_energy: Tensor, thresholds: Sequence[float]) -> Tensor:

@@ -159,7 +159,7 @@ def parse_args() -> argparse.Namespace:
     args.pipelines = args.pipelines.split(",") if args.pipelines else known
     if any(p not in known for p in args.pipelines):
         parser.error(f"--pipelines: this encmm knows {known}")
-    args.folder = args.folder or Path(tempfile.gettempdir()) / f"encmm-bench-input-n{args.images}-s0"
+    args.folder = args.folder or Path(tempfile.gettempdir()) / f"encmm-bench-trial-n{args.images}-s0"
     return args
 
 

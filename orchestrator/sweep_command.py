@@ -45,7 +45,7 @@ from encmm.trainables.config import (
     load_train_config,
     with_absolute_paths,
 )
-from encmm.trainables.execution import Execution
+from encmm.trainables.execution import Execution, free_cpus_for_input
 from encmm.trainables.preflight import check_train_config
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ def teacher_hash(cfg: TrainConfig) -> str:
 
 
 def trial_resources(trials: list[TrainConfig], driver_cpus: float) -> dict:
-    """The most any one trial holds (its driver included), and how the largest one executes."""
+    """The most any one trial holds (its driver included), how the largest one executes, and the CPUs the
+    cluster must keep free for the trials' Ray Data input tasks."""
     executions = [Execution.of(t.resources) for t in trials]
     totals = [e.total(driver_cpus) for e in executions]
     return {
@@ -80,11 +81,12 @@ def trial_resources(trials: list[TrainConfig], driver_cpus: float) -> dict:
         "GPU": max(t["GPU"] for t in totals),
         "workers": max(e.workers for e in executions),
         "execution": max(executions, key=lambda e: e.workers).describe(),
+        "free_cpus": max(free_cpus_for_input(t) for t in trials),
     }
 
 
 def concurrent_trials(per_trial: dict, cluster: dict, setting: int | None) -> int:
-    fit = math.floor(cluster.get("CPU", 0) / per_trial["CPU"] + 1e-9)
+    fit = math.floor((cluster.get("CPU", 0) - per_trial.get("free_cpus", 0)) / per_trial["CPU"] + 1e-9)
     if per_trial["GPU"]:
         fit = min(fit, math.floor(cluster.get("GPU", 0) / per_trial["GPU"] + 1e-9))
     return min(fit, setting) if setting else fit
@@ -94,10 +96,12 @@ def trials_at_once(setup: SweepSetup, cluster: dict) -> int:
     """How many trials ``cluster`` runs at once; a ConfigError when not even one fits."""
     at_once = concurrent_trials(setup.per_trial, cluster, setup.cfg.max_concurrent_trials)
     if at_once < 1:
+        free = setup.per_trial.get("free_cpus", 0)
         raise ConfigError(
             f"{setup.source}: resources: one trial needs {setup.per_trial['CPU']:g} CPU / "
-            f"{setup.per_trial['GPU']:g} GPU; the cluster has {cluster.get('CPU', 0):g} CPU / "
-            f"{cluster.get('GPU', 0):g} GPU"
+            f"{setup.per_trial['GPU']:g} GPU"
+            + (f" and {free:g} CPU left free for its Ray Data input tasks (data.loader=ray_data)" if free else "")
+            + f"; the cluster has {cluster.get('CPU', 0):g} CPU / {cluster.get('GPU', 0):g} GPU"
         )
     return at_once
 
@@ -180,6 +184,7 @@ def format_plan(setup: SweepSetup, cluster: dict, where: str) -> str:
     lines.append(
         f"resources per trial: {per['workers']} Train worker(s), {per['CPU']:g} CPU, {per['GPU']:g} GPU "
         f"(trial driver {cfg.trial_driver_cpus:g} CPU, {per['execution']})"
+        + (f"; {per['free_cpus']:g} CPU of the cluster kept free for Ray Data input tasks" if per["free_cpus"] else "")
     )
     lines.append(
         f"cluster ({where}): {cluster.get('CPU', 0):g} CPU, {cluster.get('GPU', 0):g} GPU -> "

@@ -25,6 +25,7 @@ from encmm.orchestrator.interrupts import Interrupted
 from encmm.orchestrator.ray_cluster import init_ray
 from encmm.trainables import storage
 from encmm.trainables.config import (
+    ConfigError,
     TrainConfig,
     apply_overrides,
     flatten,
@@ -136,6 +137,22 @@ def fit_and_release(trainer) -> object:
             signal.signal(signal.SIGINT, previous)
 
 
+def check_room_for_input_tasks(cfg: TrainConfig, cluster: dict) -> None:
+    """A ``data.loader=ray_data`` run must leave the cluster CPUs for its Ray Data input tasks (scheduled
+    outside its workers' bundles): refused in one line before any run is created, where it would wait forever."""
+    from encmm.trainables.execution import Execution, free_cpus_for_input
+
+    needed = free_cpus_for_input(cfg)
+    held = Execution.of(cfg.resources, lone_run=True).total(0.0)["CPU"]
+    left = cluster.get("CPU", 0.0) - held
+    if needed and left < needed - 1e-9:
+        raise ConfigError(
+            f"data.loader: ray_data needs {needed:g} CPU of the cluster free for its input tasks; the run's workers "
+            f"hold {held:g} of its {cluster.get('CPU', 0.0):g} CPU: lower resources.cpus_per_worker or "
+            "resources.workers, or add a node"
+        )
+
+
 def run_train(
     cfg: TrainConfig,
     uri: str,
@@ -146,10 +163,13 @@ def run_train(
     progress_label: str | None = None,
 ) -> dict:
     """Run one validated config on Ray Train; returns the final metrics. Ends the MLflow run in all cases."""
+    import ray
+
     from encmm.trainables.execution import Execution
     from encmm.trainables.ray_worker import BEST_FILE, build_trainer, final_metrics
 
     init_ray(address)
+    check_room_for_input_tasks(cfg, ray.cluster_resources())
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.tracking.output_dir) / run_name  # config, metric spool, best.pt: local files
     checkpoints = storage.as_location(cfg.tracking.checkpoint_root())  # Ray's storage_path: maybe a bucket

@@ -356,14 +356,24 @@ def test_diagnose_sharded_over_both_nodes_gives_the_numbers_of_one_node(two_node
     assert_same_numbers(two, one)  # integer ranks identical, floats to round-off
 
 
-RAY_DATA_TASKS = """
+RAY_DATA_PLACEMENT = """
 import json, ray
 from ray.util.state import list_actors, list_tasks
 ray.init(address={address!r}, logging_level="ERROR")
-workers = [a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)]
-tasks = [t.node_id for t in list_tasks(limit=10000) if "load_samples" in t.name]  # any attempt, any state
+workers = {{a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10000)}}
+tasks = {{t.task_id: t.node_id for t in list_tasks(limit=10000) if "load_samples" in t.name}}  # any attempt, state
 print(json.dumps({{"workers": workers, "tasks": tasks}}))
 """
+
+
+def ray_data_placement(nodes: TwoNodes) -> dict[str, dict[str, str]]:
+    """{"workers": {actor id: node id}, "tasks": {task id: node id}} of every Train worker actor and Ray Data
+    ``load_samples`` task the cluster has a record of (dead ones and earlier tests' included)."""
+    code = RAY_DATA_PLACEMENT.format(address=nodes.address)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=nodes.env, capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_ray_data_tasks_on_one_node_feed_the_train_worker_on_the_other(two_nodes, tmp_path):
@@ -385,6 +395,7 @@ def test_ray_data_tasks_on_one_node_feed_the_train_worker_on_the_other(two_nodes
         },
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # both nodes are this machine: no server needed
+    before = ray_data_placement(two_nodes)  # earlier tests' Train workers (the DDP test's on both nodes)
     proc = start_on_cluster(two_nodes, tmp_path, uri, "train", str(config), "--set", "data.loader=ray_data")
     try:
         out, err = proc.communicate(timeout=240)
@@ -395,12 +406,10 @@ def test_ray_data_tasks_on_one_node_feed_the_train_worker_on_the_other(two_nodes
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("encmm").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["data.loader"] == "ray_data"
-    code = RAY_DATA_TASKS.format(address=two_nodes.address)
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=two_nodes.env, capture_output=True, text=True, timeout=120, check=True
-    )
-    where = json.loads(done.stdout.strip().splitlines()[-1])
-    (worker_node,) = set(where["workers"])
+    after = ray_data_placement(two_nodes)
+    workers = {after["workers"][a] for a in set(after["workers"]) - set(before["workers"])}
+    tasks = [after["tasks"][t] for t in set(after["tasks"]) - set(before["tasks"])]
+    (worker_node,) = workers  # this run's one Train worker
     # One epoch of 32 train and 8 val images: at least one task for each split, every one placed on a node.
-    assert len(where["tasks"]) >= 2 and None not in where["tasks"], where
-    assert worker_node not in where["tasks"], "a Ray Data task ran on the Train worker's node"
+    assert len(tasks) >= 2 and None not in tasks, tasks
+    assert worker_node not in tasks, "a Ray Data task ran on the Train worker's node"

@@ -106,3 +106,38 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_full_state(tmp_path):
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "ema", "rng", "epoch", "spec", "config"} <= set(ckpt)
     assert ckpt["spec"]["num_classes"] == 10 and ckpt["spec"]["params_inference"] > 0
+
+
+def _rank_streams(rank: int, world_size: int, port: int, out: dict) -> None:
+    """One DDP rank (gloo, CPU): set up a digits run, then record its student's weights and its next draws from
+    the RNGs that augmentation, random erasing and drop-path use."""
+    import random
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from encmm.trainables.engine import resolve_device, setup_training
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        state = setup_training(tiny_config("data.augment=shift"), device=resolve_device(0))
+        weights = torch.cat([p.detach().flatten() for p in state.core.student.parameters()])
+        out[rank] = (weights, torch.rand(4), random.random(), float(np.random.rand()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_start_from_the_same_student_but_draw_their_own_augmentation_streams():
+    """As DeiT and timm seed each rank with seed + rank: identical initial weights (DDP's starting point), but
+    not the same crops, shifts, erasing boxes and drop-path masks on every rank for its different images."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    port, world_size = free_port(), 2
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_streams, args=(world_size, port, out), nprocs=world_size, join=True)
+        (w0, t0, r0, n0), (w1, t1, r1, n1) = out[0], out[1]
+    assert torch.equal(w0, w1)
+    assert not torch.equal(t0, t1) and r0 != r1 and n0 != n1

@@ -13,6 +13,7 @@ import encmm.trainables.teacher, encmm.trainables.engine, encmm.trainables.prefl
 import encmm.orchestrator.sweep_config, encmm.orchestrator.sweep_plan
 import encmm.orchestrator.report_tables, encmm.orchestrator.report_figures, encmm.orchestrator.report_models
 import encmm.analysis.spectra, encmm.analysis.streaming, encmm.analysis.features, encmm.analysis.plots
+import encmm.analysis.certified_ranks
 print("ok")
 """
 

@@ -177,3 +177,53 @@ def test_encmm_train_refuses_ray_data_on_digits_in_one_line(tmp_path, monkeypatc
         "data.name is digits"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pipeline_fast_off_an_imagefolder_is_one_config_line():
+    with pytest.raises(ConfigError) as caught:
+        load_train_config(None, ["data.pipeline=fast"])
+    assert str(caught.value) == (
+        "<defaults>: data: data.pipeline=fast reads an ImageFolder (data.name=imagefolder); data.name is digits"
+    )
+
+
+def ray_data_trial(root, **resources) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {"data": {"name": "imagefolder", "root": str(root), "loader": "ray_data"}, "resources": resources}
+    )
+
+
+def test_sweep_plan_keeps_a_cpu_free_for_the_input_tasks(image_root):
+    """Ray Data schedules its tasks outside the trials' bundles: a plan that fills every CPU with trials would
+    leave them waiting forever, so one task's CPU stays free; where no trial fits beside it, one line says so."""
+    from encmm.orchestrator.sweep_command import concurrent_trials, trial_resources
+
+    per_trial = trial_resources([ray_data_trial(image_root, workers=1, cpus_per_worker=1)], driver_cpus=0.01)
+    plain = trial_resources([ray_data_trial(image_root).model_copy(update={"data": DataConfig()})], driver_cpus=0.01)
+    assert per_trial["free_cpus"] == 1.0 and plain["free_cpus"] == 0.0
+    assert concurrent_trials(per_trial, {"CPU": 4.0}, None) == 2  # (4 - 1) // 1.01; 3 without the reserve
+    assert concurrent_trials(plain, {"CPU": 4.0}, None) == 3
+    assert concurrent_trials(per_trial, {"CPU": 2.0}, None) == 0
+
+
+def test_encmm_train_with_ray_data_needs_a_cpu_its_workers_do_not_hold(image_root):
+    from encmm.orchestrator.training import check_room_for_input_tasks
+
+    with pytest.raises(ConfigError) as caught:
+        check_room_for_input_tasks(ray_data_trial(image_root, workers=2, cpus_per_worker=1), {"CPU": 2.0})
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("data.loader: ray_data needs 1 CPU")
+    check_room_for_input_tasks(ray_data_trial(image_root, workers=2, cpus_per_worker=0.5), {"CPU": 2.0})
+
+
+@pytest.mark.ray
+def test_a_node_without_the_image_folder_gets_one_error_naming_it(ray_cluster, tmp_path):
+    """Every node that runs input tasks reads data.root at the same path; where it is missing the task says so,
+    instead of taking every file for undecodable."""
+    from encmm.trainables.ray_data_input import check_root_is_here
+
+    write_jpeg_folder(tmp_path / "images", classes=2, train=2, val=1)
+    bundle = build_datasets(data_config(tmp_path / "images", "ray_data"))
+    assert check_root_is_here(bundle.train) is bundle.train
+    (tmp_path / "images").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=r"data.root: .*images/train is not on node .*same path"):
+        check_root_is_here(bundle.train)

@@ -788,6 +788,26 @@ def test_refused_chunks_are_halved_and_their_rank_deficient_pieces_fall_back_to_
     assert torch.equal(certified.rechecked, certified.refused)  # the others are clear-cut in float64
 
 
+def test_a_chunk_whose_halves_are_refused_too_goes_to_the_reference_at_once(monkeypatch):
+    """A layer of rank-deficient images (a Lift student's lifted map has rank <= its narrow width): each chunk
+    costs the fast spectrum three refusals (the chunk, its two halves), not one per halving level."""
+    x = np.random.default_rng(35).standard_normal((40, 12, 20))
+    x[:, 1] = x[:, 0]  # every image has a duplicated token
+    per_image = 8 * (3 * 12 * 20 + 5 * 12**2)  # certified_svd_rank's working set per image
+    monkeypatch.setattr(spectra, "CPU_BATCH_BYTES", 20 * per_image)  # two chunks of 20 images
+    calls: list[int] = []
+    refuse = refusing(float64_svd)
+
+    def counted(chunk, energy):
+        calls.append(len(chunk))
+        return refuse(chunk, energy)
+
+    features = torch.from_numpy(x)
+    certified = certified_svd_rank(features, THRESHOLDS, counted)
+    assert torch.equal(certified.ranks, reference_ranks(features)) and certified.refused.all()
+    assert sorted(calls) == [10, 10, 10, 10, 20, 20]
+
+
 @pytest.mark.parametrize(
     "error",
     [torch.linalg.LinAlgError("linalg.svd: The input matrix is singular"), RuntimeError("CUDA out of memory")],
@@ -873,7 +893,8 @@ def test_certified_ranks_of_real_features_equal_the_reference(deit_tiny_digit_fe
 def test_gesvda_path_gives_the_reference_ranks_on_cuda_including_a_rank_deficient_chunk():
     rng = np.random.default_rng(38)
     clear = torch.from_numpy(realistic(rng, 64, 196, 384).astype(np.float32)).cuda()
-    deficient = torch.from_numpy(union_of_subspaces(rng, [5, 10, 20, 196] * 4, 196, 384)).float().cuda()
+    # float64, as built: rounded to float32 they would be full rank numerically, and cuSOLVER might accept them
+    deficient = torch.from_numpy(union_of_subspaces(rng, [5, 10, 20, 196] * 4, 196, 384)).cuda()
     fast = certified_ranks.device_fast_spectrum(clear.device)
     assert fast is not None
     for x in (clear, deficient, torch.cat([clear[:20], deficient]), torch.from_numpy(knife_edge_images()).cuda()):

@@ -69,7 +69,7 @@ class DataConfig(_Strict):
         "the loader workers (float32 out, normalised and randomly erased there); fast = JPEGs decoded at a "
         "reduced DCT scale where the random crop allows (PIL draft), uint8 images out of the workers, "
         "normalisation and random erasing on the training device (timm PrefetchLoader); "
-        "digits/synthetic/timm datasets: no effect",
+        "imagefolder only",
     )
 
     @model_validator(mode="after")
@@ -78,6 +78,10 @@ class DataConfig(_Strict):
             raise ValueError("data.root is required for data.name=imagefolder")
         if self.name == "timm" and not self.dataset:
             raise ValueError("data.dataset is required for data.name=timm")
+        if self.pipeline == "fast" and self.name != "imagefolder":
+            raise ValueError(
+                f"data.pipeline=fast reads an ImageFolder (data.name=imagefolder); data.name is {self.name}"
+            )
         if self.loader == "ray_data" and self.name != "imagefolder":
             raise ValueError(
                 f"data.loader=ray_data reads an ImageFolder (data.name=imagefolder); data.name is {self.name}"

@@ -48,10 +48,10 @@ class DataBundle:
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` images of these datasets -> float32 normalised with ``mean``/``std``."""
-        return normalised(images, self.mean, self.std)
+        return normalise_images(images, self.mean, self.std)
 
 
-def normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
+def normalise_images(images: torch.Tensor, mean, std) -> torch.Tensor:
     """``[B, 3, S, S]`` images as the model takes them: uint8 0-255 ones (``data.pipeline=fast`` datasets) are
     scaled to [0, 1] and normalised with ``mean``/``std``; float ones are taken to be normalised already."""
     if images.is_floating_point():

@@ -219,6 +219,10 @@ def setup_training(
 
         ema = ModelEmaV3(student, decay=cfg.optim.ema_decay)
 
+    # From here on each rank draws its own augmentation, random-erasing and drop-path streams, as DeiT and timm
+    # seed with seed + rank (the models above come from cfg.seed on every rank, so they start identical). Before,
+    # every rank drew the same crops, ops and boxes for its different images.
+    seed_everything(cfg.seed + rank)
     use_bf16 = cfg.resources.precision == "bf16" or (cfg.resources.precision == "auto" and device.type == "cuda")
     distiller: nn.Module = wrap_model(core) if wrap_model else core
     if switched_on(cfg.resources.compile, device):

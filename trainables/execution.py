@@ -30,7 +30,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from encmm.trainables.config import ResourcesConfig
+from encmm.trainables.config import ResourcesConfig, TrainConfig
+
+# CPUs of one Ray Data input task (``data.loader=ray_data``): one decode/augment stream, as a DataLoader worker.
+INPUT_TASK_CPUS = 1.0
+
+
+def free_cpus_for_input(cfg: TrainConfig) -> float:
+    """CPUs a run needs free on the cluster besides what it holds. Ray Data schedules its input tasks
+    (``data.loader=ray_data``) outside the run's bundles, on any node: a cluster that the runs fill completely
+    never starts one, and the run waits for its first batch forever."""
+    return INPUT_TASK_CPUS if cfg.data.loader == "ray_data" else 0.0
 
 
 @dataclass(frozen=True)

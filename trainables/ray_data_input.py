@@ -41,9 +41,10 @@ import ray.data
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from encmm.trainables.execution import INPUT_TASK_CPUS
+
 IMAGES_PER_TASK = 32  # ~0.25 s of DeiT decode + augment per core: fine-grained over nodes, task overhead small
-TASK_CPUS = 1.0  # one decode/augment stream per task, as one DataLoader worker process
-CACHED_DATASETS = 8  # per task process: a run's train and val datasets, for a few runs sharing a node
+CACHED_DATASETS = 2  # per task process: a run's train and val datasets (ImageNet's sample list: ~80 MB each)
 
 
 class RayDataLoader:
@@ -90,7 +91,7 @@ class RayDataLoader:
             batch_size=None,
             batch_format="numpy",
             fn_kwargs={"samples": self._samples, "indices": ray.put(indices), "chunk_seed": chunk_seed},
-            num_cpus=TASK_CPUS,
+            num_cpus=INPUT_TASK_CPUS,
         )
         # Tasks finish out of order; the consumer must still see blocks in position order.
         pipeline.context.execution_options.preserve_order = True
@@ -99,6 +100,8 @@ class RayDataLoader:
         return pipeline
 
     def __iter__(self):
+        if len(self) == 0:  # fewer samples than one batch (or a rank's val shard empty): no batch, as DataLoader
+            return
         batches = self.epoch_dataset().iter_torch_batches(
             batch_size=self.batch_size, drop_last=self.drop_last, device="cpu", pin_memory=self.pin_memory
         )
@@ -152,11 +155,27 @@ def cached_dataset(ref: ray.ObjectRef) -> Dataset:
     """The dataset behind ``ref``, unpickled once per task process (ImageNet's 1.28M sample paths pickle to ~80 MB)."""
     key = ref.hex()
     if key not in _datasets:
-        _datasets[key] = attach_shared_values(ray.get(ref))
+        _datasets[key] = check_root_is_here(attach_shared_values(ray.get(ref)))
         while len(_datasets) > CACHED_DATASETS:
             _datasets.popitem(last=False)
     _datasets.move_to_end(key)
     return _datasets[key]
+
+
+def check_root_is_here(dataset: Dataset) -> Dataset:
+    """``dataset`` if its ImageFolder root exists on this node; else one clear error naming the node. Every node
+    that runs input tasks reads the files at the run's ``data.root`` path (shared storage, or a copy at the same
+    path): a missing folder would otherwise look like an undecodable file per image."""
+    import socket
+    from pathlib import Path
+
+    root = getattr(getattr(dataset, "reader", None), "root", None)
+    if root is not None and not Path(root).is_dir():
+        raise FileNotFoundError(
+            f"data.root: {root} is not on node {socket.gethostname()} ({ray.get_runtime_context().get_node_id()}); "
+            "with data.loader=ray_data every node with free CPUs reads the ImageFolder at the same path"
+        )
+    return dataset
 
 
 def take_skip_count(dataset: Dataset) -> int:

@@ -34,7 +34,7 @@ import torch
 
 from encmm.trainables import storage
 from encmm.trainables.config import TrainConfig
-from encmm.trainables.data import normalised
+from encmm.trainables.data import normalise_images
 from encmm.trainables.engine import (
     NonFiniteLossError,
     TrainingState,
@@ -163,7 +163,7 @@ def example_images(dataset, mean, std, count: int = 2) -> torch.Tensor:
     (repeated when it holds fewer; uint8 images of ``data.pipeline=fast`` normalised with ``mean``/``std``):
     the logged model's input example."""
     images = [torch.as_tensor(dataset[index % len(dataset)][0]) for index in range(count)]
-    return normalised(torch.stack(images), mean, std).float().cpu()
+    return normalise_images(torch.stack(images), mean, std).float().cpu()
 
 
 def build_trainer(
