@@ -63,6 +63,8 @@ class Preset:
     kd: dict
     projector: str = "linear"
     steps: int = 30  # per timed pass, unless --steps
+    compile_mode: str = "default"  # resources.compile_mode (both sides' torch.compile mode)
+    teacher_dtype: str = "float32"  # teacher.dtype (both sides' frozen teacher weights)
 
 
 PRESETS = {
@@ -151,7 +153,7 @@ def train_config(
             "seed": 0,
             "data": {"name": "synthetic", "img_size": preset.img_size, "batch_size": preset.batch_size},
             "student": {**student, "projector": preset.projector},
-            "teacher": teacher,
+            "teacher": {**teacher, "dtype": preset.teacher_dtype},
             "kd": kd,
             "schedule": {"epochs": 300, "warmup_epochs": 5},
             "optim": {"lr": 5e-4, "lr_base_batch": 512},
@@ -159,6 +161,7 @@ def train_config(
                 "gpus_per_worker": 1 if device == "cuda" else 0,
                 "precision": precision,
                 "compile": compile_mode,
+                "compile_mode": preset.compile_mode,
             },
         }
     )
@@ -233,6 +236,7 @@ def bare_parts(state, device: torch.device):
     for module in teacher.modules():  # the baseline is timm's own attention, whatever encmm's teacher runs
         if isinstance(module, TalkingHeadAttn):
             module.__class__ = TalkingHeadAttn
+    teacher.to(state.teacher.weight_dtype)  # teacher.dtype: the same weights as encmm's side
     params = list(student.parameters()) + (list(projector.parameters()) if projector is not None else [])
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **fused)
@@ -250,7 +254,11 @@ def make_bare_step(state, device: torch.device, compile_on: bool, channels_last:
     pool = cfg.beta > 0 and projector is None and teacher.embed_dim != width
     dtype = state.autocast_dtype
 
+    weight_dtype = state.teacher.weight_dtype
+
     def teacher_forward(x):
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight_dtype)  # bf16 teacher weights without autocast (CPU): as encmm's FrozenTeacher does
         with torch.no_grad():
             final, taps = teacher.forward_intermediates(
                 x, indices=[-1], norm=False, output_fmt="NLC", intermediates_only=False
@@ -265,7 +273,9 @@ def make_bare_step(state, device: torch.device, compile_on: bool, channels_last:
         return student.forward_head(final), feat
 
     if compile_on:
-        teacher_forward, student_forward = torch.compile(teacher_forward), torch.compile(student_forward)
+        mode = None if state.cfg.resources.compile_mode == "default" else state.cfg.resources.compile_mode
+        teacher_forward = torch.compile(teacher_forward, mode=mode)
+        student_forward = torch.compile(student_forward, mode=mode)
 
     def step(x, y):
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
@@ -459,6 +469,8 @@ def bench_case(
         "preset": preset.name,
         "device": device.type,
         "compile": compile_on,
+        "compile_mode": state.cfg.resources.compile_mode,
+        "teacher_dtype": state.cfg.teacher.dtype,
         "precision": precision,
         "autocast_dtype": str(state.autocast_dtype) if state.autocast_dtype else "fp32",
         "channels_last": channels_last,
@@ -569,6 +581,18 @@ def parse_args() -> argparse.Namespace:
         help="auto: bf16 autocast on cuda, fp32 on cpu (encmm's resources.precision)",
     )
     parser.add_argument("--channels-last", action="store_true", help="channels-last input and models (both sides)")
+    parser.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="torch.compile mode, both sides (encmm's resources.compile_mode); reduce-overhead = CUDA graphs",
+    )
+    parser.add_argument(
+        "--teacher-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the frozen teacher's weights, both sides (encmm's teacher.dtype)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="override the presets' batch (smoke tests)")
     parser.add_argument(
         "--steps", type=int, default=None, help="steps per timed pass (default: 30 digits, 10 mid, 50 cait-deit)"
@@ -638,7 +662,7 @@ def main() -> None:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     results = []
     for name in args.presets:
-        preset = PRESETS[name]
+        preset = dataclasses.replace(PRESETS[name], compile_mode=args.compile_mode, teacher_dtype=args.teacher_dtype)
         if args.batch_size:
             preset = dataclasses.replace(preset, batch_size=args.batch_size)
         for compile_on in modes:
@@ -679,7 +703,10 @@ def main() -> None:
                 else ""
             )
             print(
-                f"  {name} compile={'on' if compile_on else 'off'}: encmm {row['encmm_img_s']:,.0f} img/s, "
+                f"  {name} compile={'on' if compile_on else 'off'}"
+                + (f" ({args.compile_mode})" if compile_on and args.compile_mode != "default" else "")
+                + (f", teacher {args.teacher_dtype}" if args.teacher_dtype != "float32" else "")
+                + f": encmm {row['encmm_img_s']:,.0f} img/s, "
                 f"bare {row['bare_img_s']:,.0f} img/s, ratio {row['ratio']:.3f}{folded}",
                 flush=True,
             )

@@ -10,6 +10,10 @@
 # - spectra_test: the `gpu`-marked test of tests/test_spectra.py (skipped where pytest or hypothesis is missing);
 # - trial_throughput: the compiled CaiT-S24 -> DeiT-Tiny trial on generated JPEGs (DeiT recipe, 8 loader workers,
 #   data.pipeline standard and fast) against the same trial on on-device batches (bench/bench_trial_throughput.py).
+# Not in the default list, the KD step's routes toward 5,000 img/s (issue 17), each the train_step_compiled stage
+# with one change, both sides: kd_bf16_teacher (teacher.dtype bfloat16), kd_cudagraphs (compile mode
+# reduce-overhead), kd_autotune (max-autotune-no-cudagraphs; long compilation):
+#   STAGES="kd_bf16_teacher kd_cudagraphs" bash bench/gpu_check.sh
 # Each stage has its own time limit, so a slow or failing stage still leaves the others' results; the
 # limits add up to ~16.5 minutes, more than one 10-minute device call: pick stages with STAGES (the first four
 # took ~6-7 minutes on an H100, BENCHMARKS.md section 5).
@@ -65,6 +69,15 @@ for name in ${STAGES:-teacher_forward train_step_compiled train_step_eager spect
     else echo "== spectra_test: skipped (no pytest or hypothesis here)"; fi ;;
     trial_throughput) stage trial_throughput 240 python3 bench/bench_trial_throughput.py --device cuda --workers 8 \
         --compile on --epochs 3 --json "$out/trial_throughput.json" ;;
+    kd_bf16_teacher) stage kd_bf16_teacher 240 python3 bench/bench_train_step.py --device cuda --compile on \
+        --teacher-dtype bfloat16 --steps 30 --repeats 3 --teacher-attention "$(teacher_attention)" \
+        --json "$out/kd_bf16_teacher.json" ;;
+    kd_cudagraphs) stage kd_cudagraphs 300 python3 bench/bench_train_step.py --device cuda --compile on \
+        --compile-mode reduce-overhead --steps 30 --repeats 3 --teacher-attention "$(teacher_attention)" \
+        --json "$out/kd_cudagraphs.json" ;;
+    kd_autotune) stage kd_autotune 540 python3 bench/bench_train_step.py --device cuda --compile on \
+        --compile-mode max-autotune-no-cudagraphs --steps 30 --repeats 3 --teacher-attention "$(teacher_attention)" \
+        --json "$out/kd_autotune.json" ;;
     *) echo "!! unknown stage $name"; status=1 ;;
     esac
 done

@@ -93,3 +93,48 @@ def test_training_setup_fuses_a_cait_teacher_as_configured(setting, fused):
     state = setup_training(cait_teacher_config(setting), device=torch.device("cpu"))
     kinds = {type(m) for m in state.teacher.modules() if isinstance(m, TalkingHeadAttn)}
     assert kinds == ({FusedTalkingHeadAttn} if fused else {TalkingHeadAttn})
+
+
+def test_bfloat16_teacher_weights_give_the_float32_teachers_outputs_to_bf16_precision():
+    """``teacher.dtype: bfloat16``: the frozen CaiT keeps bf16 weights; without autocast its input is cast to them,
+    under bf16 autocast they are used as they are; both give the float32 teacher's logits and tokens to bf16
+    precision (8 mantissa bits: a few parts in a thousand per op)."""
+    reference = frozen(tiny_cait())
+    teacher = frozen(copy.deepcopy(reference.model)).cast_weights(torch.bfloat16)
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(x)
+        plain = teacher(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = teacher(x)
+    for got in (plain, autocast):
+        for value, want in zip(got, expected):
+            assert value.dtype == torch.bfloat16
+            error = (value.float() - want).norm() / want.norm()
+            assert 0 < error < 3e-2, error  # not bit-equal (bf16 did run), but close
+
+
+def test_engine_keeps_the_teacher_in_bfloat16_when_asked_and_trains():
+    """``teacher.dtype=bfloat16`` reaches the set-up: the teacher's weights are bf16 and a KD step runs."""
+    from encmm.trainables.engine import train_one_epoch
+
+    cfg = load_train_config(
+        None,
+        [
+            *TINY_DIGITS,
+            "teacher.source=timm",
+            "teacher.model=vit_tiny_patch16_224",
+            "teacher.pretrained=false",
+            "teacher.img_size=16",
+            "teacher.dtype=bfloat16",
+            "kd.alpha=0.0",  # a timm teacher keeps its 1,000-class head: feature KD only
+            "kd.beta=1.0",
+            "student.projector=avgpool",
+        ],
+    )
+    state = setup_training(cfg, device=torch.device("cpu"))
+    assert {p.dtype for p in state.teacher.parameters()} == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in state.core.parameters())
+    metrics = train_one_epoch(state, 0)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))

@@ -139,6 +139,12 @@ class TeacherConfig(_Strict):
         description="CaiT teachers: run talking-heads attention as one fused scaled-dot-product attention "
         "(same weights, same function; BENCHMARKS.md section 5); auto = on CUDA",
     )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="the frozen teacher's weights while training: bfloat16 halves their memory and reads and "
+        "spares bf16 autocast a cast of every weight each step (it computes in bf16 there anyway); its "
+        "LayerNorm gains and biases are then bf16-rounded too",
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> TeacherConfig:
@@ -202,6 +208,11 @@ class ResourcesConfig(_Strict):
     gpus_per_worker: int = Field(0, ge=0, description="whole GPUs only")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: Switch = "auto"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile mode of the student step and the teacher when compile is on: reduce-overhead "
+        "replays CUDA graphs, max-autotune also autotunes Triton matmuls (minutes of compilation)",
+    )
     max_failures: int = Field(3, ge=0, description="worker failures tolerated (resume from last checkpoint)")
     local_mode: Switch = Field(
         "auto",

@@ -174,6 +174,8 @@ def setup_training(
         ).to(device)
         if switched_on(cfg.teacher.fused_attention, device):
             fuse_talking_heads(teacher.model)  # CaiT: its head mixing took ~44% of a compiled KD step on an H100
+        if cfg.teacher.dtype == "bfloat16":
+            teacher.cast_weights(torch.bfloat16)
     target_width = resolve_target_width(cfg, teacher)
     torch.manual_seed(cfg.seed)  # same init on every rank and on resume, whatever was built before
     student = build_student(
@@ -226,9 +228,10 @@ def setup_training(
     use_bf16 = cfg.resources.precision == "bf16" or (cfg.resources.precision == "auto" and device.type == "cuda")
     distiller: nn.Module = wrap_model(core) if wrap_model else core
     if switched_on(cfg.resources.compile, device):
-        distiller = torch.compile(distiller)
+        mode = None if cfg.resources.compile_mode == "default" else cfg.resources.compile_mode
+        distiller = torch.compile(distiller, mode=mode)
         if teacher is not None:
-            teacher.compile()  # in place (same module, same state dict): its forward is most of a KD step
+            teacher.compile(mode=mode)  # in place (same module, same state dict): its forward is most of a KD step
     spec = {
         "student": cfg.student.model_dump(mode="json"),
         "num_classes": data.num_classes,

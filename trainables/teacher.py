@@ -45,6 +45,17 @@ class FrozenTeacher(nn.Module):
         self.register_buffer("scale", (s_std / t_std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, 3, 1, 1), persistent=False)
 
+    def cast_weights(self, dtype: torch.dtype) -> FrozenTeacher:
+        """Keep the frozen model's weights in ``dtype`` (``teacher.dtype``); where no autocast casts the
+        inputs, :meth:`forward` casts them to it. Returns self."""
+        self.model.to(dtype)
+        return self
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the frozen model's weights (float32 unless cast)."""
+        return next(self.model.parameters(), torch.empty(0)).dtype
+
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)  # always eval: no dropout / drop-path, fixed norms
 
@@ -52,6 +63,8 @@ class FrozenTeacher(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.renormalise:
             x = x * self.scale + self.shift
+        if x.dtype != self.weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.weight_dtype)
         if self.is_encmm:
             return self.model.forward_distill(x)
         final, taps = self.model.forward_intermediates(
