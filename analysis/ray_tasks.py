@@ -232,6 +232,7 @@ def stream_diagnostics(
     def run(empty: Callable[[LayerStream], object], shards: list) -> list[tuple[LayerStream, object]]:
         return list(zip(streams, _run_pass(actors, lambda: [empty(s) for s in streams], shards, report)))
 
+    stopping = False
     try:
         nodes = ray.get([actor.node_id.remote() for actor in actors])
         for stream, merged in run(LayerStream.first_pass, _contiguous_shards(batches, count)):
@@ -240,8 +241,15 @@ def stream_diagnostics(
         for stream, merged in run(LayerStream.sweep_pass, [sweep[position::count] for position in range(count)]):
             stream.finish_sweep(merged)
         release_freed_memory()
+    except (KeyboardInterrupt, SystemExit):
+        # Stopping on a signal: the process exits next, and Ray kills the actors of a driver that is gone. A
+        # terminal's Ctrl-C or hang-up also reaches the local cluster's own processes: a call to a GCS that died
+        # of it would wait a minute for it and then end the process with exit code 1, not 128 + the signal.
+        stopping = True
+        raise
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        if not stopping:
+            for actor in actors:
+                ray.kill(actor)
         del reader_ref
     return nodes

@@ -93,7 +93,9 @@ def test_interrupted_sweep_ends_its_runs_killed_and_says_how_to_resume(tmp_path,
         {
             "name": "stoppable",
             "max_concurrent_trials": 2,  # both train at once (0.5 CPU each), and both resume at once
-            "base": {**TINY_BASE, "schedule": {"epochs": 4, "warmup_epochs": 0}},
+            # 8 epochs: after the first one is logged, the trial must still be training when the signal lands
+            # (with 4, a fast machine once finished it first: FINISHED, not KILLED)
+            "base": {**TINY_BASE, "schedule": {"epochs": 8, "warmup_epochs": 0}},
             "search": {"grid": {"optim.lr": [0.003, 0.002]}},
         },
     )
@@ -128,7 +130,7 @@ def test_interrupted_sweep_ends_its_runs_killed_and_says_how_to_resume(tmp_path,
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
     assert trial.info.run_id in {c.info.run_id for c in children}
     steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val/acc1")]
-    assert sorted(steps) == list(range(4))  # resumed from its last checkpoint: each epoch logged once
+    assert sorted(steps) == list(range(8))  # resumed from its last checkpoint: each epoch logged once
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
