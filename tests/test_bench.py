@@ -15,70 +15,37 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python3 bench/<script> ARGS`` to its end (10 minutes at most); it must exit 0."""
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.parametrize("preset", ["digits"])  # cait-deit: test_swapped_teacher_attention_computes_timms_block
 def test_train_step_bench_runs_both_loops_and_reports_a_ratio(preset, tmp_path):
     out = tmp_path / "train_step.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_train_step.py"),
-            "--presets",
-            preset,
-            "--steps",
-            "2",
-            "--repeats",
-            "1",
-            "--warmup",
-            "1",
-            "--threads",
-            "1",
-            "--batch-size",
-            "4",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_bench(
+        "bench_train_step.py",
+        *("--presets", preset, "--steps", "2", "--repeats", "1", "--warmup", "1", "--threads", "1"),
+        *("--batch-size", "4", "--json", str(out)),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(out.read_text())["results"][0]
     assert row["preset"] == preset and row["encmm_img_s"] > 0 and row["bare_img_s"] > 0 and row["ratio"] > 0
 
 
 def test_spectra_bench_checks_ranks_against_the_reference(tmp_path):
     out = tmp_path / "spectra.json"
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "bench_spectra.py"), "--images", "40", "--repeats", "1", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_bench("bench_spectra.py", "--images", "40", "--repeats", "1", "--json", str(out))
     assert "encmm-svd_rank" in done.stdout
 
 
 def test_train_step_profile_writes_where_the_step_time_goes(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_train_step.py"),
-            "--presets",
-            "digits",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--threads",
-            "1",
-            "--profile",
-            str(tmp_path / "profile.txt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_bench(
+        "bench_train_step.py",
+        *("--presets", "digits", "--steps", "2", "--warmup", "1", "--threads", "1"),
+        *("--profile", str(tmp_path / "profile.txt")),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     text = (tmp_path / "profile-digits-eager.txt").read_text()
     assert "== encmm, compile=off" in text and "== bare, compile=off" in text
     assert "aten::addmm" in text and "teacher forward alone, autocast:" in text
@@ -89,32 +56,11 @@ def test_swapped_teacher_attention_computes_timms_block(attention, tmp_path):
     """The cait-deit preset (CaiT-S24 -> DeiT-Tiny at 224 px) with encmm's teacher attention swapped: both
     loops run and are compared, and the swapped blocks compute timm's."""
     out = tmp_path / "train_step.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_train_step.py"),
-            "--presets",
-            "cait-deit",
-            "--steps",
-            "1",
-            "--repeats",
-            "1",
-            "--warmup",
-            "1",
-            "--threads",
-            "1",
-            "--batch-size",
-            "2",
-            "--teacher-attention",
-            attention,
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_bench(
+        "bench_train_step.py",
+        *("--presets", "cait-deit", "--steps", "1", "--repeats", "1", "--warmup", "1", "--threads", "1"),
+        *("--batch-size", "2", "--teacher-attention", attention, "--json", str(out)),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(out.read_text())["results"][0]
     assert row["preset"] == "cait-deit" and row["encmm_img_s"] > 0 and row["bare_img_s"] > 0 and row["ratio"] > 0
     assert row["swapped_attention_blocks"] == 24  # every talking-heads block of CaiT-S24
@@ -123,28 +69,11 @@ def test_swapped_teacher_attention_computes_timms_block(attention, tmp_path):
 
 def test_teacher_forward_bench_times_every_attention_variant(tmp_path):
     out = tmp_path / "teacher_forward.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_teacher_forward.py"),
-            "--img-size",
-            "32",
-            "--batch-size",
-            "2",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--repeats",
-            "1",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_bench(
+        "bench_teacher_forward.py",
+        *("--img-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--repeats", "1"),
+        *("--json", str(out)),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert rows.keys() == {"timm", "fused", "fused-expanded", "folded"} and all(r["img_s"] > 0 for r in rows.values())
     assert all(r["block_rel_error_fp32"] < 1e-5 for name, r in rows.items() if name != "timm")
@@ -154,27 +83,11 @@ def test_trial_throughput_bench_measures_both_sides_of_each_pipeline(tmp_path):
     """bench_trial_throughput.py on the CPU at a toy size: the real loader and on-device batches, one row per
     pipeline, each with both img/s and their ratio."""
     out = tmp_path / "trial.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "bench_trial_throughput.py"),
-            *(
-                "--images",
-                "64",
-                "--epochs",
-                "2",
-                "--batch-size",
-                "16",
-                "--threads",
-                "1",
-            ),  # 6 JPEGs of each of 10 classes
-            *("--folder", str(tmp_path / "jpegs"), "--json", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_bench(
+        "bench_trial_throughput.py",
+        *("--images", "64", "--epochs", "2", "--batch-size", "16", "--threads", "1"),  # 6 JPEGs of each of 10 classes
+        *("--folder", str(tmp_path / "jpegs"), "--json", str(out)),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["pipeline"] for r in rows] == ["standard", "fast"]
     for row in rows:

@@ -63,8 +63,9 @@ class FrozenTeacher(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.renormalise:
             x = x * self.scale + self.shift
-        if x.dtype != self.weight_dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.weight_dtype)
+        weight_dtype = self.weight_dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight_dtype)
         if self.is_encmm:
             return self.model.forward_distill(x)
         final, taps = self.model.forward_intermediates(
