@@ -67,7 +67,8 @@ class DataConfig(_Strict):
         "standard",
         description="imagefolder input path, same recipe either way: standard = timm's create_transform in "
         "the loader workers (float32 out, normalised and randomly erased there); fast = JPEGs decoded at a "
-        "reduced DCT scale where the random crop allows (PIL draft), uint8 images out of the workers, "
+        "reduced DCT scale where the random crop allows (PIL draft), other crops resized by torch's uint8 "
+        "kernels, uint8 images out of the workers, "
         "normalisation and random erasing on the training device (timm PrefetchLoader); "
         "imagefolder only",
     )
