@@ -55,6 +55,28 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-6, abs=1e-9), key
 
 
+def test_each_epochs_random_streams_come_from_seed_rank_and_epoch_alone():
+    """What a resume relies on (no RNG state in the checkpoint) and what DDP needs (ranks never share a stream):
+    Python, NumPy and torch draws after ``seed_epoch`` depend on (seed, rank, epoch) only, and differ when any
+    of them does, also between seed s, rank r + 1 and seed s + 1, rank r (seed + rank would make those equal)."""
+    import random
+
+    import numpy as np
+
+    from encmm.trainables.engine import seed_epoch
+
+    def draws(seed, rank, epoch):
+        seed_epoch(seed, rank, epoch)
+        return (random.random(), float(np.random.rand()), torch.rand(1).item())
+
+    first = draws(3, 1, 2)
+    torch.rand(100), random.random(), np.random.rand(7)  # whatever the streams drew in between
+    assert draws(3, 1, 2) == first
+    others = [draws(3, 0, 2), draws(3, 1, 1), draws(3, 1, 3), draws(4, 1, 2), draws(4, 0, 2), draws(3, 2, 2)]
+    assert len({first, *others}) == 7
+    assert all(a != b for other in others for a, b in zip(first, other))
+
+
 @pytest.fixture(scope="module")
 def teacher_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher")
@@ -104,32 +126,42 @@ def test_avgpool_alignment_trains_without_a_projector(teacher_checkpoint):
 def test_checkpoint_loads_with_weights_only_and_holds_the_full_state(tmp_path):
     fit(tiny_config("schedule.epochs=1", "optim.ema_decay=0.9"), checkpoint_dir=tmp_path)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "ema", "rng", "epoch", "spec", "config"} <= set(ckpt)
+    assert {"model", "optimizer", "scheduler", "ema", "epoch", "spec", "config"} <= set(ckpt)
     assert ckpt["spec"]["num_classes"] == 10 and ckpt["spec"]["params_inference"] > 0
 
 
 def _rank_streams(rank: int, world_size: int, port: int, out: dict) -> None:
-    """One DDP rank (gloo, CPU): set up a digits run, then record its student's weights and its next draws from
-    the RNGs that augmentation, random erasing and drop-path use."""
+    """One DDP rank (gloo, CPU): set up a 2-epoch digits run, record its student's weights, then run its epochs
+    from 0 and again from 1 (a resume), recording each epoch's first draws from the RNGs that augmentation,
+    random erasing and drop-path use (the epoch's training itself is left out)."""
     import random
 
     import numpy as np
     import torch.distributed as dist
 
-    from encmm.trainables.engine import resolve_device, setup_training
+    from encmm.trainables import engine
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        state = setup_training(tiny_config("data.augment=shift"), device=resolve_device(0))
+        state = engine.setup_training(
+            tiny_config("data.augment=shift", "schedule.epochs=2"), device=engine.resolve_device(0)
+        )
         weights = torch.cat([p.detach().flatten() for p in state.core.student.parameters()])
-        out[rank] = (weights, torch.rand(4), random.random(), float(np.random.rand()))
+        draws = []
+        engine.train_one_epoch = lambda state, epoch: (
+            draws.append((epoch, torch.rand(4), random.random(), float(np.random.rand()))) or {"train/loss": 0.0}
+        )
+        engine.run_epochs(state, 0)
+        engine.run_epochs(state, 1)
+        out[rank] = (weights, draws)
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_ranks_start_from_the_same_student_but_draw_their_own_augmentation_streams():
-    """As DeiT and timm seed each rank with seed + rank: identical initial weights (DDP's starting point), but
-    not the same crops, shifts, erasing boxes and drop-path masks on every rank for its different images."""
+    """Identical initial weights (DDP's starting point), but each rank its own crops, shifts, erasing boxes and
+    drop-path masks for its different images, epoch by epoch, and a run resumed at epoch 1 draws on each rank
+    what that rank drew at epoch 1 (restoring one saved RNG state on every rank made the ranks share one)."""
     import torch.multiprocessing as mp
 
     from tests.conftest import free_port
@@ -138,6 +170,12 @@ def test_ddp_ranks_start_from_the_same_student_but_draw_their_own_augmentation_s
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_rank_streams, args=(world_size, port, out), nprocs=world_size, join=True)
-        (w0, t0, r0, n0), (w1, t1, r1, n1) = out[0], out[1]
+        (w0, draws0), (w1, draws1) = out[0], out[1]
     assert torch.equal(w0, w1)
-    assert not torch.equal(t0, t1) and r0 != r1 and n0 != n1
+    for draws in (draws0, draws1):
+        assert [epoch for epoch, *_ in draws] == [0, 1, 1]
+        (_, t_a, r_a, n_a), (_, t_b, r_b, n_b), (_, t_resumed, r_resumed, n_resumed) = draws
+        assert torch.equal(t_resumed, t_b) and r_resumed == r_b and n_resumed == n_b
+        assert not torch.equal(t_a, t_b) and r_a != r_b
+    for (_, t0, r0, n0), (_, t1, r1, n1) in zip(draws0, draws1):
+        assert not torch.equal(t0, t1) and r0 != r1 and n0 != n1

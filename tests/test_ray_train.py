@@ -30,6 +30,9 @@ def test_worker_killed_mid_epoch_resumes_from_its_checkpoint_and_matches_an_unin
         "optim.lr_base_batch=64",
         "resources.workers=2",
         "resources.cpus_per_worker=0.5",
+        # random shifts and drop-path: each rank draws its own streams, and the resumed epoch must draw them again
+        "data.augment=shift",
+        "student.drop_path=0.1",
     ]
     marker = tmp_path / "killed.pid"
     # Rank 0 is SIGKILLed when it reaches batch 3 of epoch 1 (epoch 0's checkpoint is committed by then).

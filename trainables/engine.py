@@ -107,6 +107,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device) for ``epoch`` on ``rank`` from (seed, rank, epoch)
+    alone: each rank draws its own augmentation, random-erasing and drop-path streams, as DeiT and timm do, and
+    a resumed run draws, on every rank, what the uninterrupted one drew, with no RNG state in the checkpoint
+    (restoring one saved state on every rank made all ranks share one stream after a resume). Hashed, so seed
+    s + 1 does not replay seed s one rank or one epoch later."""
+    import numpy as np
+
+    entropy = [seed % 2**64, rank, epoch]
+    seed_everything(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]))
+
+
 def resolve_target_width(cfg: TrainConfig, teacher: FrozenTeacher | None) -> int | None:
     return cfg.student.target_width or (teacher.feature_width if teacher is not None else None)
 
@@ -221,10 +233,8 @@ def setup_training(
 
         ema = ModelEmaV3(student, decay=cfg.optim.ema_decay)
 
-    # From here on each rank draws its own augmentation, random-erasing and drop-path streams, as DeiT and timm
-    # seed with seed + rank (the models above come from cfg.seed on every rank, so they start identical). Before,
-    # every rank drew the same crops, ops and boxes for its different images.
-    seed_everything(cfg.seed + rank)
+    # The models above come from cfg.seed on every rank, so they start identical; each epoch then seeds its own
+    # streams per rank (run_epochs: seed_epoch).
     use_bf16 = cfg.resources.precision == "bf16" or (cfg.resources.precision == "auto" and device.type == "cuda")
     distiller: nn.Module = wrap_model(core) if wrap_model else core
     if switched_on(cfg.resources.compile, device):
@@ -398,7 +408,6 @@ def checkpoint_state(state: TrainingState, epoch: int, metrics: dict) -> dict:
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "ema": state.ema.state_dict() if state.ema is not None else None,
-        "rng": torch.get_rng_state(),
         "spec": state.spec,
         "metrics": dict(metrics),
         "config": state.cfg.model_dump(mode="json"),
@@ -414,7 +423,6 @@ def restore_state(state: TrainingState, ckpt: dict) -> int:
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if state.ema is not None and ckpt.get("ema") is not None:
         state.ema.load_state_dict(ckpt["ema"])
-    torch.set_rng_state(ckpt["rng"])
     state.num_updates = ckpt["num_updates"]
     state.scheduler.step_update(num_updates=state.num_updates)
     if state.cfg.schedule.step_on == "epoch":
@@ -518,6 +526,7 @@ def run_epochs(
     """Train from ``start_epoch`` to the configured end; returns the last epoch's metrics + best."""
     metrics: dict = {}
     for epoch in range(start_epoch, state.cfg.schedule.epochs):
+        seed_epoch(state.cfg.seed, state.rank, epoch)
         metrics = train_one_epoch(state, epoch)
         if state.cfg.schedule.step_on == "epoch":
             state.scheduler.step(epoch)  # after the epoch, as DeiT's loop does: the next one trains at f(epoch)
