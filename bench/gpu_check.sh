@@ -20,6 +20,11 @@
 #
 #   bash bench/gpu_check.sh                                         # results in ${OUT:-bench/results}
 #   STAGES="teacher_forward train_step_compiled" bash bench/gpu_check.sh   # some stages only
+#   DRY_RUN=1 bash bench/gpu_check.sh   # any machine, no GPU: each stage imports its code and parses its
+#                                       # arguments (--help; pytest --collect-only), as tests/test_bench.py does
+#
+# The checkout is not installed there: its root is the package folder `encmm`, so a link named encmm in a
+# temporary folder makes `import encmm` work (bench scripts and tests import encmm.*).
 #
 # Python packages missing there (pydantic; timm pinned to the version tested here) travel as wheels in
 # .whl/ (git-ignored), made on this machine with
@@ -36,14 +41,25 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         || exit 1
     export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.sm,power.limit --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, timm, pydantic; print('torch', torch.__version__, 'timm', timm.__version__, \
+package_link=$(mktemp -d)
+ln -s "$PWD" "$package_link/encmm"
+trap 'rm -rf "$package_link"' EXIT
+export PYTHONPATH="$package_link:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+dry=${DRY_RUN:-0}
+if [ "$dry" = 1 ]; then
+    python3 -c "import encmm.trainables.engine, encmm.analysis.spectra" || exit 1
+else
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.sm,power.limit --format=csv | tee "$out/gpu.txt"
+    python3 -c "import torch, timm, pydantic; print('torch', torch.__version__, 'timm', timm.__version__, \
 'pydantic', pydantic.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt" || exit 1
+fi
 status=0
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS
+    if [ "$dry" = 1 ]; then  # imports and arguments only
+        if [ "$1" = python3 ] && [ "$2" = -m ]; then set -- "$@" --collect-only; else set -- "$@" --help; fi
+    fi
     timeout "$limit" "$@" >"$out/$name.log" 2>&1 || { echo "!! $name failed or ran past ${limit}s (rc $?)"; status=1; }
     tail -n 12 "$out/$name.log"
     echo "== $name: $((SECONDS - t0)) s"

@@ -92,3 +92,50 @@ def test_trial_throughput_bench_measures_both_sides_of_each_pipeline(tmp_path):
     assert [r["pipeline"] for r in rows] == ["standard", "fast"]
     for row in rows:
         assert row["steps_per_epoch"] == 60 // 16 and row["jpeg_img_s"] > 0 and row["synthetic_img_s"] > 0
+
+
+GPU_CHECK_STAGES = (
+    "teacher_forward train_step_compiled train_step_eager spectra spectra_test trial_throughput "
+    "kd_bf16_teacher kd_cudagraphs kd_autotune"
+).split()
+
+
+def test_gpu_check_stages_import_and_parse_on_a_bare_checkout_without_ray_or_mlflow(tmp_path):
+    """The lent GPU machine has torch and timm but neither encmm installed nor Ray nor MLflow. Here the same:
+    ``python3 -S`` (no .pth files, so not the editable install) with this interpreter's site-packages on the
+    path and ``ray`` / ``mlflow`` shadowed by packages that refuse to import. ``DRY_RUN=1`` then runs every
+    stage's command with ``--help`` (pytest: ``--collect-only``): each script imports and parses its flags."""
+    import sysconfig
+
+    blocked = tmp_path / "blocked"
+    for name in ("ray", "mlflow"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('no {name} on the device machine')\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "PYTHONPATH": f"{blocked}:{sysconfig.get_paths()['purelib']}",
+        "HOME": str(tmp_path),
+        "OUT": str(tmp_path / "out"),
+    }
+    root = BENCH.parent
+    bare = subprocess.run(["python3", "-c", "import encmm"], env=env, cwd=root, capture_output=True, text=True)
+    assert "No module named 'encmm'" in bare.stderr  # what every stage met before the script linked the checkout
+    assert subprocess.run(["python3", "-c", "import ray"], env=env, capture_output=True).returncode != 0
+
+    done = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh")],
+        env={**env, "DRY_RUN": "1", "STAGES": " ".join(GPU_CHECK_STAGES)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "!!" not in done.stdout
+    for name in GPU_CHECK_STAGES:
+        assert f"== {name}: " in done.stdout
+        log = (tmp_path / "out" / f"{name}.log").read_text()
+        assert ("1/" in log and "collected" in log) if name == "spectra_test" else "usage:" in log, log[-2000:]
