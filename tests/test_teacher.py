@@ -127,6 +127,7 @@ def test_engine_keeps_the_teacher_in_bfloat16_when_asked_and_trains():
             "teacher.model=vit_tiny_patch16_224",
             "teacher.pretrained=false",
             "teacher.img_size=16",
+            "student.patch_size=16",  # the teacher's 1x1 token grid
             "teacher.dtype=bfloat16",
             "kd.alpha=0.0",  # a timm teacher keeps its 1,000-class head: feature KD only
             "kd.beta=1.0",
@@ -138,3 +139,24 @@ def test_engine_keeps_the_teacher_in_bfloat16_when_asked_and_trains():
     assert all(p.dtype == torch.float32 for p in state.core.parameters())
     metrics = train_one_epoch(state, 0)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_the_training_core_refuses_a_teacher_whose_token_grid_differs_from_the_students():
+    """Feature KD compares the maps token by token: a 1x1 teacher grid against the student's 4x4 would broadcast
+    in the loss and train on nonsense. encmm train / sweep refuse it in their preflight; engine.fit (the Python
+    API) refuses it at set-up, before any step."""
+    from encmm.trainables.engine import fit
+
+    overrides = [
+        *TINY_DIGITS,
+        "teacher.source=timm",
+        "teacher.model=vit_tiny_patch16_224",
+        "teacher.pretrained=false",
+        "teacher.img_size=16",
+        "kd.alpha=0.0",
+        "student.projector=avgpool",
+    ]
+    steps = []
+    with pytest.raises(ValueError, match=r"teacher token grid \(1, 1\) cannot be matched to the student's \(4, 4\)"):
+        fit(load_train_config(None, [*overrides, "kd.beta=1.0"]), log=lambda metrics, step: steps.append(step))
+    assert steps == []

@@ -27,7 +27,13 @@ from encmm.trainables.data import DataBundle, build_datasets, build_loaders
 from encmm.trainables.losses import DistillationLoss
 from encmm.trainables.models import build_student, count_parameters, timm_no_weight_decay
 from encmm.trainables.storage import Location
-from encmm.trainables.teacher import FrozenTeacher, build_teacher, fuse_talking_heads
+from encmm.trainables.teacher import (
+    FrozenTeacher,
+    build_teacher,
+    fuse_talking_heads,
+    patch_grid,
+    token_grid_mismatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +203,10 @@ def setup_training(
         target_width=target_width,
         tap_block=cfg.kd.student_block,
     )
+    # encmm train / sweep refuse this in their preflight; engine.fit and the Python API here, before training
+    if teacher is not None and cfg.kd.beta > 0:
+        if why := token_grid_mismatch(patch_grid(teacher), patch_grid(student)):
+            raise ValueError(f"teacher: {why}")
     projector = build_projector(cfg, student, teacher)
     core = Distiller(student, projector, decay_exempt_names(cfg, student)).to(device)
     align = (

@@ -20,6 +20,7 @@ from encmm.trainables.teacher import (
     model_from_checkpoint,
     patch_grid,
     teacher_feature_width,
+    token_grid_mismatch,
 )
 
 
@@ -174,13 +175,8 @@ def check_train_config(
         _fail(source, "student", str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
     grid_s = patch_grid(student)
     if cfg.kd.beta > 0:
-        if grid_t != grid_s:
-            _fail(
-                source,
-                "teacher",
-                f"teacher token grid {grid_t} cannot be matched to the student's {grid_s} "
-                f"(same img_size / patch_size ratio needed)",
-            )
+        if why := token_grid_mismatch(grid_t, grid_s):
+            _fail(source, "teacher", why)
         if student.feature_width > width_t and cfg.student.projector == "avgpool":
             _fail(
                 source,

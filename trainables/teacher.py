@@ -26,6 +26,17 @@ def patch_grid(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def token_grid_mismatch(teacher_grid, student_grid) -> str | None:
+    """Why feature KD cannot compare these token grids, or None: the maps are compared token by token, and a
+    smaller grid would silently broadcast against a larger one in the loss."""
+    if teacher_grid == student_grid:
+        return None
+    return (
+        f"teacher token grid {teacher_grid} cannot be matched to the student's {student_grid} "
+        f"(same img_size / patch_size ratio needed)"
+    )
+
+
 class FrozenTeacher(nn.Module):
     """``forward(x) -> (logits [B, K], tokens [B, N, C])`` of a frozen model, ``x`` in student space.
 
