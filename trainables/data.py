@@ -242,7 +242,12 @@ def draft_scale(region: tuple[float, float], size: tuple[int, int]) -> int:
 
 
 def decode_region_resized(
-    image: PIL.Image.Image, box: tuple[float, float, float, float], size: tuple[int, int], resample: int
+    image: PIL.Image.Image,
+    box: tuple[float, float, float, float],
+    size: tuple[int, int],
+    resample: int,
+    *,
+    crop_first: bool = False,
 ) -> PIL.Image.Image:
     """The region ``box`` (left, top, right, bottom; full-size pixels) of ``image`` resized to ``size`` (w, h), RGB.
 
@@ -250,8 +255,9 @@ def decode_region_resized(
     :func:`draft_scale` (``Image.draft``) and ``box`` mapped onto the reduced image. ``resize(box=...)``
     reads the region in place instead of copying a crop first; its filter may read up to a filter radius
     past the box edge, where a crop-then-resize clamps (a few boundary pixels differ by a few levels).
-    A box of whole pixels at full size (a train crop that no draft applies to: most crops of ImageNet-sized
-    JPEGs) is cropped and resized by :func:`crop_resized_uint8` instead, like timm.
+    ``crop_first`` (timm's random-resized crop, which crops and then resizes): a box of whole pixels at full
+    size (every train crop no draft applies to: most crops of ImageNet-sized JPEGs) is cropped and resized by
+    :func:`crop_resized_uint8` instead. Not for resize-then-crop (eval): its edge pixels see their neighbours.
     """
     width = image.width
     scale = draft_scale((box[2] - box[0], box[3] - box[1]), size)
@@ -261,7 +267,7 @@ def decode_region_resized(
         scale = width / drafted[1][2] if drafted else 1
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     box = tuple(edge / scale for edge in box)
-    if resample in UINT8_RESAMPLE and all(float(edge).is_integer() for edge in box):
+    if crop_first and resample in UINT8_RESAMPLE and all(float(edge).is_integer() for edge in box):
         return crop_resized_uint8(rgb, tuple(int(edge) for edge in box), size, resample)
     return rgb.resize(size, resample, box=box)
 
@@ -271,8 +277,11 @@ def crop_resized_uint8(
 ) -> PIL.Image.Image:
     """timm's crop-then-resize of an RGB ``image`` (``box`` in whole pixels; ``size`` (w, h)) through torch's
     antialiased uint8 interpolation: Pillow's filters (bicubic a = -0.5, support widened by the downscale
-    factor) in vectorised fixed point, about 4x Pillow's ``resize`` on one core. Only the fixed-point
-    rounding differs from Pillow's crop + resize (tests/test_input_pipeline.py bounds it)."""
+    factor) in vectorised fixed point, about 4x Pillow's ``resize`` on one core. It equals Pillow's two passes
+    taken horizontally first (within fixed-point rounding), the only order Pillow took until python-pillow/Pillow
+    PR 9549 (in Pillow 13.0.0); since then Pillow takes some shapes vertically first, and as bicubic clips
+    between the passes, hard edges then differ by up to ~30 levels (tests/test_input_pipeline.py bounds both).
+    """
     import numpy as np
     from PIL import Image
 
@@ -303,7 +312,7 @@ class DraftRandomResizedCrop:
             interpolation = random.choice(interpolation)
         out_h, out_w = self.crop.size
         box = (left, top, left + width, top + height)
-        return decode_region_resized(image, box, (out_w, out_h), pil_modes_mapping[interpolation])
+        return decode_region_resized(image, box, (out_w, out_h), pil_modes_mapping[interpolation], crop_first=True)
 
 
 class DraftResizeCenterCrop:

@@ -117,7 +117,9 @@ def seed_epoch(seed: int, rank: int, epoch: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device) for ``epoch`` on ``rank`` from (seed, rank, epoch)
     alone: each rank draws its own augmentation, random-erasing and drop-path streams, as DeiT and timm do, and
     a resumed run draws, on every rank, what the uninterrupted one drew, with no RNG state in the checkpoint
-    (restoring one saved state on every rank made all ranks share one stream after a resume). Hashed, so seed
+    (restoring one saved state on every rank made all ranks share one stream after a resume). Loader worker
+    processes are the exception: persistent, they are seeded once when first started and keep their streams
+    across epochs, so with ``data.num_workers > 0`` a resumed run's augmentations differ. Hashed, so seed
     s + 1 does not replay seed s one rank or one epoch later."""
     import numpy as np
 
