@@ -36,7 +36,8 @@ cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-if [ "${DRY_RUN:-0}" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
+dry=${DRY_RUN:-0}
+if [ "$dry" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -45,7 +46,6 @@ package_link=$(mktemp -d)
 ln -s "$PWD" "$package_link/encmm"
 trap 'rm -rf "$package_link"' EXIT
 export PYTHONPATH="$package_link:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-dry=${DRY_RUN:-0}
 if [ "$dry" = 1 ]; then
     python3 -c "import encmm.trainables.engine, encmm.analysis.spectra" || exit 1
 else
